@@ -1,0 +1,382 @@
+"""The experiment configuration: one pydantic model per section, validated once at the edge.
+
+The top level accepts our reference format (``shared/reference-config.json``) exactly as
+written -- every Keras-style key there (epochs, batch_size, learning_rate, num_workers,
+optimizer, loss, metrics, encoder, validation_split, shuffle, verbose, augmentation,
+callbacks, model_save_dir) -- and adds the sections ``model``, ``pretraining``, ``data``,
+``federation``, ``privacy``, ``compression`` and ``tracking``. Unknown keys are rejected
+so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from common.errors import ConfigError
+
+ENCODER_NAMES = (
+    "smallcnn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "densenet121",
+)
+METRIC_NAMES = (
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "macro_auc",
+    "presence_auc",
+    "type_auc",
+)
+# Quantities a callback may monitor: the loss and every scalar metric, on validation or training data.
+MONITORABLE = tuple(
+    f"{prefix}_{name}"
+    for prefix in ("val", "train")
+    for name in ("loss", "accuracy", "balanced_accuracy", "macro_auc", "presence_auc", "type_auc")
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelCheckpointConfig(Section):
+    """Keras ModelCheckpoint semantics, written as PyTorch checkpoints.
+
+    The checkpoint always lands in ``<run>/model/best.pt``; ``filepath`` names the
+    exported copy in ``model_save_dir`` (a Keras suffix such as ``.h5`` becomes ``.pt``,
+    since the file is a PyTorch checkpoint). ``save_freq`` is "epoch" or a number of
+    epochs: validation metrics only exist at the end of an epoch, so a Keras-style
+    batch count would monitor nothing.
+    """
+
+    filepath: str = "model.pt"
+    monitor: str = "val_loss"
+    save_best_only: bool = True
+    save_weights_only: bool = False
+    mode: Literal["auto", "min", "max"] = "auto"
+    save_freq: Union[Literal["epoch"], Annotated[int, Field(ge=1)]] = "epoch"
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, value: str) -> str:
+        return _check_monitor(value)
+
+    @property
+    def every_epochs(self) -> int:
+        return 1 if self.save_freq == "epoch" else int(self.save_freq)
+
+    @property
+    def resolved_mode(self) -> Literal["min", "max"]:
+        return resolve_mode(self.mode, self.monitor)
+
+
+class EarlyStoppingConfig(Section):
+    monitor: str = "val_loss"
+    patience: int = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+    mode: Literal["auto", "min", "max"] = "auto"
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, value: str) -> str:
+        return _check_monitor(value)
+
+    @property
+    def resolved_mode(self) -> Literal["min", "max"]:
+        return resolve_mode(self.mode, self.monitor)
+
+
+class ModelCheckpointCallback(Section):
+    class_name: Literal["ModelCheckpoint"]
+    config: ModelCheckpointConfig = ModelCheckpointConfig()
+
+
+class EarlyStoppingCallback(Section):
+    class_name: Literal["EarlyStopping"]
+    config: EarlyStoppingConfig = EarlyStoppingConfig()
+
+
+Callback = Annotated[
+    Union[ModelCheckpointCallback, EarlyStoppingCallback], Field(discriminator="class_name")
+]
+
+
+class AugmentationConfig(Section):
+    """``"augmentation": true`` in the reference format is shorthand for ``{"enabled": true}``."""
+
+    enabled: bool = True
+    strength: float = Field(default=1.0, ge=0.0, le=2.0)
+
+
+class FreezeConfig(Section):
+    """Transfer-learning schedule: train the head alone first, then open the last blocks."""
+
+    head_only_epochs: int = Field(default=0, ge=0)
+    unfreeze_last_blocks: int | None = Field(default=None, ge=1)
+
+
+class ModelConfig(Section):
+    image_size: int = Field(default=128, ge=32, le=1024)
+    norm: Literal["auto", "batch", "group"] = "auto"
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    pretrained: Path | None = None
+    freeze: FreezeConfig = FreezeConfig()
+
+
+class PretrainingConfig(Section):
+    """Self-supervised autoencoder pretraining (``mammofl pretrain``) on the unlabeled pool."""
+
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+
+
+class SyntheticDataConfig(Section):
+    sites: int = Field(default=3, ge=1, le=64)
+    per_site: int = Field(default=200, ge=4)
+    size: int = Field(default=256, ge=32, le=6000)
+    seed: int = 0
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    burned_in_text: float = Field(default=0.3, ge=0.0, le=1.0)
+
+
+class PartitionConfig(Section):
+    """How records become sites: the folders they came from, or a simulated split."""
+
+    scheme: Literal["site", "iid", "dirichlet", "scanner"] = "site"
+    num_sites: int | None = Field(default=None, ge=1)
+    alpha: float = Field(default=0.5, gt=0.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _num_sites_for_simulated(self) -> "PartitionConfig":
+        if self.scheme != "site" and self.num_sites is None:
+            raise ValueError(f"partition scheme {self.scheme!r} needs num_sites (an integer >= 1)")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "cbis-ddsm", "sites"] = "synthetic"
+    root: Path = Path("data/synthetic")
+    layout: Literal["auto", "direct", "tcia", "kaggle"] = "auto"
+    mode: Literal["full", "roi"] = "full"
+    cache_dir: Path | None = Path(".cache/images")
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    partition: PartitionConfig = PartitionConfig()
+
+
+class FederationConfig(Section):
+    rounds: int = Field(default=3, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    fraction_fit: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_fit_clients: int = Field(default=2, ge=1)
+    proximal_mu: float = Field(default=0.0, ge=0.0)
+    server_learning_rate: float = Field(default=0.01, gt=0.0)
+
+
+class PrivacyConfig(Section):
+    """Sample-level DP-SGD per site. Exactly one of target_epsilon / noise_multiplier when enabled."""
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(default=None, gt=0.0)
+    target_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    noise_multiplier: float | None = Field(default=None, gt=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> "PrivacyConfig":
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "privacy.enabled needs exactly one of target_epsilon or noise_multiplier"
+            )
+        return self
+
+
+class CompressionConfig(Section):
+    enabled: bool = False
+    variants: tuple[str, ...] = ("fp32", "fp16", "int8_dynamic")
+    sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
+
+
+class TrackingConfig(Section):
+    """Where runs go and how they are tracked; W&B stays offline unless told otherwise."""
+
+    runs_dir: Path = Path("runs")
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "mammofl"
+
+
+class ExperimentConfig(Section):
+    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    # --- the reference format, key for key ---
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    num_workers: int = Field(default=4, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    loss: Literal["cross_entropy", "weighted_cross_entropy", "focal"] = "cross_entropy"
+    metrics: tuple[Literal[METRIC_NAMES], ...] = ("accuracy",)  # type: ignore[valid-type]
+    encoder: Literal[ENCODER_NAMES] = "smallcnn"  # type: ignore[valid-type]
+    validation_split: float = Field(default=0.2, ge=0.0, lt=1.0)
+    shuffle: bool = True
+    verbose: Literal[0, 1, 2] = 1
+    augmentation: AugmentationConfig = AugmentationConfig()
+    callbacks: tuple[Callback, ...] = ()
+    model_save_dir: str = "export_model"
+    # --- our sections ---
+    model: ModelConfig = ModelConfig()
+    pretraining: PretrainingConfig = PretrainingConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    compression: CompressionConfig = CompressionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("augmentation", mode="before")
+    @classmethod
+    def _augmentation_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("callbacks")
+    @classmethod
+    def _one_of_each_callback(cls, value: tuple) -> tuple:
+        names = [callback.class_name for callback in value]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"at most one callback of each class; repeated: {', '.join(duplicated)}")
+        return value
+
+    @property
+    def checkpoint(self) -> ModelCheckpointConfig:
+        """The ModelCheckpoint callback's config, or its defaults when none is configured."""
+        for callback in self.callbacks:
+            if isinstance(callback, ModelCheckpointCallback):
+                return callback.config
+        return ModelCheckpointConfig()
+
+    @property
+    def early_stopping(self) -> EarlyStoppingConfig | None:
+        for callback in self.callbacks:
+            if isinstance(callback, EarlyStoppingCallback):
+                return callback.config
+        return None
+
+    @property
+    def norm(self) -> Literal["batch", "group"]:
+        """BatchNorm mixes samples in a batch, which DP-SGD forbids: "auto" picks GroupNorm then."""
+        if self.model.norm != "auto":
+            return self.model.norm
+        return "group" if self.privacy.enabled else "batch"
+
+
+def resolve_mode(mode: str, monitor: str) -> Literal["min", "max"]:
+    if mode != "auto":
+        return mode  # type: ignore[return-value]
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def _check_monitor(value: str) -> str:
+    if value not in MONITORABLE:
+        raise ValueError(f"unknown monitor {value!r}; allowed: {', '.join(MONITORABLE)}")
+    return value
+
+
+def parse_config(raw: Any, *, source: str = "<config>") -> ExperimentConfig:
+    """Validate an already-parsed JSON object; errors name `source`, each key and what is allowed."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a JSON object, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate one JSON config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    return parse_config(raw, source=str(path))
+
+
+_CALLBACK_TAGS: dict[str, type[BaseModel]] = {
+    "ModelCheckpoint": ModelCheckpointCallback,
+    "EarlyStopping": EarlyStoppingCallback,
+}
+
+
+def _describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per offending key: its dotted path, what is wrong and what is allowed."""
+    problems: dict[str, list[str]] = {}
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"] if not _is_union_branch(part))
+        problems.setdefault(key or "(top level)", []).append(_explain(error))
+    lines = [f"{source}: invalid configuration ({len(problems)} problem(s))"]
+    lines += [f"  - key '{key}': " + "; or ".join(messages) for key, messages in problems.items()]
+    return "\n".join(lines)
+
+
+def _is_union_branch(part: Any) -> bool:
+    # Inside a union pydantic names the branch it tried ("ModelCheckpoint", "int",
+    # "literal['epoch']", "function-after[...]"): noise to the reader of a config file.
+    return isinstance(part, str) and (
+        part in _CALLBACK_TAGS or part == "int" or part.startswith("constrained-") or "[" in part
+    )
+
+
+def _explain(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return f"unknown key; allowed here: {', '.join(_allowed_keys(error['loc']))}"
+    if error["type"] == "missing":
+        return "required but missing"
+    message = error["msg"].removeprefix("Value error, ")
+    received = error.get("input")
+    if isinstance(received, (str, int, float, bool)) or received is None:
+        return f"{message} (got {json.dumps(received)})"
+    return message
+
+
+def _allowed_keys(location: tuple) -> list[str]:
+    """The keys of the section that holds the last element of `location`."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in location[:-1]:
+        if part in _CALLBACK_TAGS:
+            model = _CALLBACK_TAGS[part]
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return sorted(model.model_fields)

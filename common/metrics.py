@@ -1,0 +1,88 @@
+"""Classification metrics for the 3-class task and its two clinical read-outs.
+
+"presence" asks whether an image shows any lesion (normal vs benign or malignant);
+"type" asks, among images that truly show a lesion, whether it is malignant. Both are
+scored from the 3-class probabilities (see common.models.classifier.readouts), so one
+model answers all three questions.
+
+An AUC is undefined when the scored set holds a single class; it is then reported as
+NaN (``null`` in JSON), never as a made-up 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from common.data.records import BENIGN, CLASS_NAMES, MALIGNANT, NORMAL
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """All scalar metrics for integer `labels` [N] and class probabilities `probs` [N, 3]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if labels.shape[0] != probs.shape[0] or probs.ndim != 2 or probs.shape[1] != len(CLASS_NAMES):
+        raise ValueError(f"expected labels [N] and probs [N, {len(CLASS_NAMES)}], got {labels.shape} and {probs.shape}")
+    if labels.size == 0:
+        raise ValueError("cannot compute metrics on an empty set")
+    predicted = probs.argmax(axis=1)
+    rates = per_class_rates(labels, predicted)
+    sensitivities = [rates[f"sensitivity_{name}"] for name in CLASS_NAMES]
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        # mean recall over the classes present, as sklearn's balanced_accuracy_score defines it
+        "balanced_accuracy": float(np.nanmean(sensitivities)),
+        "macro_auc": macro_auc(labels, probs),
+        "presence_auc": presence_auc(labels, probs),
+        "type_auc": type_auc(labels, probs),
+        **rates,
+    }
+
+
+def per_class_rates(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """One-vs-rest sensitivity and specificity of each class."""
+    matrix = confusion_matrix(labels, predicted, labels=list(range(len(CLASS_NAMES))))
+    total = matrix.sum()
+    rates: dict[str, float] = {}
+    for index, name in enumerate(CLASS_NAMES):
+        true_pos = matrix[index, index]
+        false_neg = matrix[index].sum() - true_pos
+        false_pos = matrix[:, index].sum() - true_pos
+        true_neg = total - true_pos - false_neg - false_pos
+        rates[f"sensitivity_{name}"] = _ratio(true_pos, true_pos + false_neg)
+        rates[f"specificity_{name}"] = _ratio(true_neg, true_neg + false_pos)
+    return rates
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Unweighted mean of one-vs-rest AUCs over the classes present in `labels`."""
+    present = [index for index in range(len(CLASS_NAMES)) if (labels == index).any()]
+    if len(present) < 2:
+        return math.nan
+    aucs = [roc_auc_score(labels == index, probs[:, index]) for index in present]
+    return float(np.mean(aucs))
+
+
+def presence_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """AUC of P(abnormal) = 1 - P(normal) for abnormal vs normal images."""
+    return _binary_auc(labels != NORMAL, 1.0 - probs[:, NORMAL])
+
+
+def type_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """AUC of P(malignant | abnormal), scored on the truly abnormal images only."""
+    abnormal = labels != NORMAL
+    lesion_mass = probs[abnormal, BENIGN] + probs[abnormal, MALIGNANT]
+    score = probs[abnormal, MALIGNANT] / np.maximum(lesion_mass, 1e-12)
+    return _binary_auc(labels[abnormal] == MALIGNANT, score)
+
+
+def _binary_auc(truth: np.ndarray, score: np.ndarray) -> float:
+    if truth.size == 0 or truth.all() or not truth.any():
+        return math.nan
+    return float(roc_auc_score(truth, score))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else math.nan

@@ -1,0 +1,76 @@
+"""The on-disk layout of one run: ``runs/<run_id>/``.
+
+    config.json      the resolved configuration (every default filled in)
+    metrics.jsonl    one JSON object per epoch or round; the source of every report
+    model/           best.pt, last.pt (and step-NNN.pt when configured)
+    summary.md       the human-readable result
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become null: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    root: Path
+
+    @classmethod
+    def create(cls, runs_dir: Path, name: str) -> "RunDirectory":
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        root = Path(runs_dir) / f"{stamp}-{name}-{secrets.token_hex(2)}"
+        (root / "model").mkdir(parents=True)
+        return cls(root)
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / "summary.md"
+
+    def write_config(self, config: BaseModel) -> None:
+        (self.root / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def write_json(self, relative: str, payload: Any) -> Path:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True) + "\n")
+        return path

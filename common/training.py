@@ -1,0 +1,124 @@
+"""The train / evaluate loop shared by centralised training and every federated site.
+
+Plain PyTorch, readable top to bottom: one function per pass over the data. A site's
+DP-SGD training passes an Opacus-wrapped model, optimizer and loader through the same
+functions; nothing here knows whether privacy is on.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from common.errors import ConfigError
+from common.metrics import classification_metrics
+
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a generator for DataLoader shuffling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def build_optimizer(
+    name: str, params: Iterable[nn.Parameter], *, learning_rate: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (momentum 0.9). All parameters are handed over, frozen ones too:
+    a parameter without a gradient is skipped by every torch optimizer, so a freeze
+    schedule can open blocks later without rebuilding the optimizer."""
+    params = list(params)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZER_NAMES)}")
+
+
+def show_progress(verbose: int) -> bool:
+    """Progress bars only for verbose >= 1 on an interactive terminal (never in CI logs)."""
+    return verbose >= 1 and sys.stderr.isatty()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+    progress: bool = False,
+    description: str = "train",
+) -> float:
+    """One pass over `loader`; returns the mean training loss per example.
+
+    `regularizer` adds a model-dependent term to every batch loss (FedProx's proximal term).
+    Empty batches, which Poisson sampling produces now and then, are skipped.
+    """
+    model.train()
+    total_loss, total_examples = 0.0, 0
+    for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False):
+        if len(labels) == 0:
+            continue
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), labels)
+        if regularizer is not None:
+            loss = loss + regularizer(model)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(labels)
+        total_examples += len(labels)
+    return total_loss / max(total_examples, 1)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, loader: DataLoader, *, device: torch.device, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] and true labels [N] over `loader`, in loader order, on the CPU."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        all_logits.append(model(images.to(device)).float().cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, float]:
+    """The training loss and every classification metric over `loader`."""
+    logits, labels = predict_logits(model, loader, device=device, progress=progress)
+    loss = float(loss_fn.cpu()(logits, labels))
+    loss_fn.to(device)
+    probs = torch.softmax(logits, dim=1).numpy()
+    return {"loss": loss, **classification_metrics(labels.numpy(), probs)}

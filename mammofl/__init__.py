@@ -1,0 +1,3 @@
+"""mammofl: federated, differentially private mammography classification."""
+
+__version__ = "0.1.0"

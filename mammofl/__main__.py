@@ -1,0 +1,5 @@
+import sys
+
+from mammofl.cli import main
+
+sys.exit(main())
