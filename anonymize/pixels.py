@@ -1,0 +1,232 @@
+"""Burned-in text in mammograms: find it, blank it, or refuse the image.
+
+Mammography exports carry labels, names and dates in the corners and side strips, drawn in air,
+outside the breast. Two detectors work on a block-pooled copy of each frame (at most
+~`POOL_TARGET` pixels a side, so a 4000x3200 image costs tens of milliseconds):
+
+- breast-mask-aware cleaning: air is the darkest band of the frame when it is large and flat;
+  the breast (largest region that is not air) plus a margin is protected; everything outside it
+  that stands out of the air background (by more than
+  `CONTRAST` of the intensity range plus the background's own noise) - text, markers, rulers - is
+  blanked to the background level, box by box, only on pixels outside the breast;
+- a text-line detector inside the breast: ink drawn at the detector's full-scale value that forms
+  a row of at least `MIN_GLYPHS` character-sized marks (morphological closing along rows).
+
+Cleaning is "with confidence" exactly when every region found outside the breast stays clear of
+the (margin-grown) breast mask, and no text line lies inside it. A frame without an air background
+(a tissue crop, a CT slice) is only checked for text lines; nothing in it is blanked. Otherwise `BurnedInTextError`
+is raised and the caller quarantines the image. Pixels outside the blanked boxes are never
+touched, so they stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import cv2
+import numpy as np
+
+from common.errors import DataError
+
+POOL_TARGET: Final = 1024
+# A region outside the breast is ink when it departs from the air level by this share of the
+# frame's intensity range, on top of NOISE_FACTOR times the air's own block-to-block spread.
+CONTRAST: Final = 0.08
+NOISE_FACTOR: Final = 4.0
+# Margin grown around the breast before anything may be blanked, as a share of the pooled size.
+BREAST_MARGIN: Final = 0.01
+MIN_GLYPHS: Final = 3
+MAX_PASSES: Final = 3
+# Air must cover this share of the frame and be this flat (median local deviation, share of range).
+MIN_AIR_FRACTION: Final = 0.1
+MAX_AIR_ROUGHNESS: Final = 0.008
+MIN_AIR_SIDE: Final = 64
+LUMA_WEIGHTS: Final = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+GRAYSCALE_INTERPRETATIONS: Final = ("MONOCHROME1", "MONOCHROME2")
+
+
+class BurnedInTextError(DataError):
+    """Burned-in text was found that cannot be blanked with confidence (or none where some must be)."""
+
+
+@dataclass(frozen=True)
+class Redaction:
+    """A blanked box: pixel rows [top, bottom) and columns [left, right) of one frame."""
+
+    frame: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    """Block extrema of a frame: `high`/`low` are the brightest/darkest stored luma per block."""
+
+    high: np.ndarray
+    low: np.ndarray
+    factor: int
+
+
+def clean_burned_in_text(pixels: np.ndarray, *, photometric: str, bits_stored: int) -> list[Redaction]:
+    """Blank burned-in text in place in `pixels` (frames, rows, columns, samples); return the boxes.
+
+    Each frame is cleaned until a pass finds nothing more (blanking shifts the air statistics), so
+    cleaning a cleaned image changes nothing. Raises BurnedInTextError when text touches or lies
+    inside the breast region, or when no pass comes out clean.
+    """
+    redactions: list[Redaction] = []
+    for index in range(pixels.shape[0]):
+        for _ in range(MAX_PASSES):
+            found = _clean_frame(pixels[index], index, photometric, bits_stored)
+            if not found:
+                break
+            redactions.extend(found)
+        else:
+            raise BurnedInTextError(f"frame {index} still shows ink after {MAX_PASSES} cleaning passes; "
+                                    "the image is quarantined")
+    return redactions
+
+
+def _clean_frame(frame: np.ndarray, index: int, photometric: str, bits_stored: int) -> list[Redaction]:
+    luma = frame[..., 0] if frame.shape[-1] == 1 else frame.astype(np.float32) @ LUMA_WEIGHTS
+    pooled = _pool(luma)
+    low, high = float(pooled.low.min()), float(pooled.high.max())
+    if high <= low:
+        return []
+    bright = _presentation(pooled, low, high, photometric)
+    air = _air(bright)
+    breast = _breast_mask(~air) if air.any() else np.ones(bright.shape, dtype=bool)
+    _refuse_text_inside(pooled, breast, photometric, bits_stored)
+    if not air.any():
+        return []
+    protected = cv2.dilate(breast.astype(np.uint8), _disc(max(2, round(BREAST_MARGIN * max(breast.shape)))))
+    outside = protected == 0
+    background, threshold = _air_level(pooled, air, high - low)
+    ink = (np.maximum(pooled.high - background, background - pooled.low) > threshold) & outside
+    boxes = _ink_regions(ink, protected, pooled.factor, luma.shape)
+    fill = _fill_values(frame, pooled, air)
+    for top, bottom, left, right in boxes:
+        keep = _upsample(protected, pooled.factor, (top, bottom, left, right)).astype(bool)
+        region = frame[top:bottom, left:right]
+        region[~keep] = fill
+    return [Redaction(index, *box) for box in boxes]
+
+
+def _pool(luma: np.ndarray) -> _Pooled:
+    """Block maxima and minima over factor x factor blocks (the last blocks may be smaller): a
+    dilation/erosion anchored at the block's corner, sampled once per block (fast in OpenCV)."""
+    factor = max(1, math.ceil(max(luma.shape) / POOL_TARGET))
+    values = np.ascontiguousarray(luma)
+    if values.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
+        values = values.astype(np.float32)
+    if factor == 1:
+        values = values.astype(np.float32)
+        return _Pooled(values, values, 1)
+    block = np.ones((factor, factor), dtype=np.uint8)
+    high = cv2.dilate(values, block, anchor=(0, 0))[::factor, ::factor]
+    low = cv2.erode(values, block, anchor=(0, 0))[::factor, ::factor]
+    return _Pooled(high.astype(np.float32), low.astype(np.float32), factor)
+
+
+def _presentation(pooled: _Pooled, low: float, high: float, photometric: str) -> np.ndarray:
+    """Block midpoints scaled to [0, 1] with 1 = bright (MONOCHROME1 stores bright as low)."""
+    middle = (0.5 * (pooled.high + pooled.low) - low) / (high - low)
+    return 1.0 - middle if photometric == "MONOCHROME1" else middle
+
+
+def _air(bright: np.ndarray) -> np.ndarray:
+    """The air background: the darkest band of a smoothed copy, when it is large and flat enough to
+    be air (a crop of tissue or a CT has none; then nothing outside a breast can be told apart)."""
+    if min(bright.shape) < MIN_AIR_SIDE:
+        return np.zeros(bright.shape, dtype=bool)
+    smooth = cv2.GaussianBlur(bright.astype(np.float32), (0, 0), 1.5)
+    air = smooth <= np.percentile(smooth[::4, ::4], 1) + CONTRAST
+    roughness = np.abs(bright - cv2.blur(bright.astype(np.float32), (5, 5)))
+    if air.mean() < MIN_AIR_FRACTION or np.median(roughness[air][::7]) > MAX_AIR_ROUGHNESS:
+        return np.zeros(bright.shape, dtype=bool)
+    return air
+
+
+def _breast_mask(body: np.ndarray) -> np.ndarray:
+    """The largest region that is not air, holes filled."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros(body.shape, dtype=bool)
+    largest = 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())
+    return _fill_holes(labels == largest)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` plus every region of its complement that does not reach the frame's border."""
+    count, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    reaches_border = np.zeros(count, dtype=bool)
+    reaches_border[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    return mask | ~reaches_border[labels]
+
+
+def _refuse_text_inside(pooled: _Pooled, breast: np.ndarray, photometric: str, bits_stored: int) -> None:
+    """Raise when a line of full-scale glyphs lies inside the breast: it cannot be blanked safely."""
+    full_scale = (1 << bits_stored) - 1
+    ink = (pooled.low <= 0) if photometric == "MONOCHROME1" else (pooled.high >= full_scale - 0.5)
+    ink &= breast
+    if not ink.any():
+        return
+    glyph_count, glyph_labels = cv2.connectedComponents(ink.astype(np.uint8), connectivity=8)
+    max_height = max(3, round(0.06 * ink.shape[0]))
+    lines = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((1, max(3, max_height)), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
+    for label in range(1, count):
+        height, width = stats[label, cv2.CC_STAT_HEIGHT], stats[label, cv2.CC_STAT_WIDTH]
+        glyphs = np.unique(glyph_labels[(labels == label) & ink])
+        if height <= max_height and width >= 2 * height and glyphs.size >= MIN_GLYPHS:
+            raise BurnedInTextError("burned-in text lies inside the breast region and cannot be blanked "
+                                    "without destroying tissue; the image is quarantined")
+
+
+def _air_level(pooled: _Pooled, air: np.ndarray, intensity_range: float) -> tuple[float, float]:
+    """The air's stored level and the departure from it that counts as ink."""
+    middle = 0.5 * (pooled.high + pooled.low)
+    background = float(np.median(middle[air][::7]))
+    noise = float(np.median((pooled.high - pooled.low)[air][::7]))
+    return background, CONTRAST * intensity_range + NOISE_FACTOR * noise
+
+
+def _ink_regions(ink: np.ndarray, protected: np.ndarray, factor: int,
+                 shape: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """Full-resolution boxes around groups of ink blocks; raise when a group touches the breast margin."""
+    grouped = cv2.dilate(ink.astype(np.uint8), np.ones((5, 5), np.uint8)) & (protected == 0)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    if count <= 1:
+        return []
+    border = cv2.dilate(protected, np.ones((3, 3), np.uint8)).astype(bool) & (protected == 0)
+    if np.any(labels[border] > 0):
+        raise BurnedInTextError("burned-in text or markers touch the breast region, so they cannot be "
+                                "blanked with confidence; the image is quarantined")
+    boxes = []
+    for label in range(1, count):
+        left, top, width, height = (int(v) for v in stats[label, :4])
+        boxes.append((top * factor, min(shape[0], (top + height) * factor),
+                      left * factor, min(shape[1], (left + width) * factor)))
+    return boxes
+
+
+def _fill_values(frame: np.ndarray, pooled: _Pooled, air: np.ndarray) -> np.ndarray:
+    """The air's stored value per sample: what blanked pixels become."""
+    sample = frame[:: pooled.factor, :: pooled.factor]
+    return np.median(sample[air][::7], axis=0).round().astype(frame.dtype)
+
+
+def _upsample(mask: np.ndarray, factor: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The pooled mask over a full-resolution box, one pooled block per factor x factor pixels."""
+    top, bottom, left, right = box
+    rows = np.arange(top, bottom) // factor
+    cols = np.arange(left, right) // factor
+    return mask[np.ix_(rows, cols)]
+
+
+def _disc(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
