@@ -182,18 +182,41 @@ class DataConfig(Section):
     partition: PartitionConfig = PartitionConfig()
 
 
+class ClientDPConfig(Section):
+    """Client-level DP (Flower's clipping wrappers): protects a whole site's update, not one image.
+
+    ``server-*`` clipping: the aggregator clips each update and adds the noise; ``client-*``
+    clipping: each site clips its own update and the aggregator adds the noise. ``adaptive``
+    tunes the clipping norm to a quantile of update norms (Andrew et al. 2021).
+    """
+
+    mode: Literal["off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "off"
+    noise_multiplier: float = Field(default=0.5, ge=0.0)
+    clipping_norm: float = Field(default=10.0, gt=0.0)
+
+
 class FederationConfig(Section):
     rounds: int = Field(default=3, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    fraction_fit: float = Field(default=1.0, gt=0.0, le=1.0)
-    min_fit_clients: int = Field(default=2, ge=1)
-    proximal_mu: float = Field(default=0.0, ge=0.0)
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(default=1.0, ge=0.0, le=1.0)
+    min_train_sites: int = Field(default=2, ge=1)
+    min_available_sites: int = Field(default=2, ge=1)
+    proximal_mu: float = Field(default=0.01, ge=0.0)
     server_learning_rate: float = Field(default=0.01, gt=0.0)
+    client_dp: ClientDPConfig = ClientDPConfig()
+    secure_aggregation: bool = False
 
 
 class PrivacyConfig(Section):
-    """Sample-level DP-SGD per site. Exactly one of target_epsilon / noise_multiplier when enabled."""
+    """Sample-level DP-SGD at every site (Opacus), accounted across all rounds.
+
+    Noise comes from ``noise_multiplier`` or is derived from ``target_epsilon`` over the
+    planned total (rounds x local epochs). A site's budget is ``site_budgets[site]``, else
+    ``budget_epsilon``, else ``target_epsilon``: a site refuses any round that would take
+    its epsilon past it.
+    """
 
     enabled: bool = False
     target_epsilon: float | None = Field(default=None, gt=0.0)
@@ -201,14 +224,28 @@ class PrivacyConfig(Section):
     noise_multiplier: float | None = Field(default=None, gt=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    budget_epsilon: float | None = Field(default=None, gt=0.0)
+    site_budgets: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    on_budget_exhausted: Literal["continue", "stop"] = "continue"
+    max_physical_batch_size: int = Field(default=64, ge=1)
+    clipping: Literal["flat", "ghost"] = "flat"
 
     @model_validator(mode="after")
-    def _one_noise_source(self) -> "PrivacyConfig":
-        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError(
-                "privacy.enabled needs exactly one of target_epsilon or noise_multiplier"
-            )
+    def _noise_and_budget(self) -> "PrivacyConfig":
+        if not self.enabled:
+            return self
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("privacy.enabled needs exactly one of target_epsilon or noise_multiplier")
+        if self.target_epsilon is None and self.budget_epsilon is None and not self.site_budgets:
+            raise ValueError("privacy with an explicit noise_multiplier needs a budget: set budget_epsilon or site_budgets")
         return self
+
+    def budget_for(self, site_id: str) -> float:
+        """The epsilon a site may spend over the whole run."""
+        budget = self.site_budgets.get(site_id, self.budget_epsilon or self.target_epsilon)
+        if budget is None:
+            raise ConfigError(f"privacy: no budget for site {site_id!r}; set budget_epsilon or site_budgets")
+        return budget
 
 
 class CompressionConfig(Section):
@@ -229,6 +266,7 @@ class ExperimentConfig(Section):
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    training: Literal["centralised", "federated"] = "centralised"
     # --- the reference format, key for key ---
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=32, ge=1)

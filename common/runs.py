@@ -74,3 +74,22 @@ class RunDirectory:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True) + "\n")
         return path
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Where a federated run's config and directory are, for the ServerApp and every ClientApp."""
+
+    config_path: Path
+    run_dir: Path
+
+
+def resolve_app_settings(run_config: dict, run_id: int, explicit: AppSettings | None, runs_dir: Path) -> AppSettings:
+    """Explicit settings (``mammofl simulate``), else Flower's run config (``flwr run``).
+
+    Under ``flwr run`` the run directory is derived from Flower's run id, so that the
+    ServerApp and every ClientApp agree on it without talking to each other.
+    """
+    if explicit is not None:
+        return explicit
+    return AppSettings(config_path=Path(str(run_config["config-path"])), run_dir=Path(runs_dir) / f"flwr-{run_id}")

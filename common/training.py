@@ -69,29 +69,29 @@ def train_one_epoch(
     loss_fn: nn.Module,
     *,
     device: torch.device,
-    regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
     progress: bool = False,
     description: str = "train",
 ) -> float:
     """One pass over `loader`; returns the mean training loss per example.
 
-    `regularizer` adds a model-dependent term to every batch loss (FedProx's proximal term).
-    Empty batches, which Poisson sampling produces now and then, are skipped.
+    `after_step` runs after every optimizer step (FedProx's proximal step). An empty batch,
+    which Poisson sampling produces now and then, still takes its optimizer step: under
+    DP-SGD that step releases noise and must be accounted like any other.
     """
     model.train()
     total_loss, total_examples = 0.0, 0
     for images, labels in tqdm(loader, desc=description, disable=not progress, leave=False):
-        if len(labels) == 0:
-            continue
         images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(images), labels)
-        if regularizer is not None:
-            loss = loss + regularizer(model)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss.detach()) * len(labels)
-        total_examples += len(labels)
+        if after_step is not None:
+            after_step()
+        if len(labels):
+            total_loss += float(loss.detach()) * len(labels)
+            total_examples += len(labels)
     return total_loss / max(total_examples, 1)
 
 

@@ -69,6 +69,176 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from common.config import load_config
+    from simulations.federated import simulate
+
+    if (args.config is None) == (args.resume is None):
+        raise _usage_error("simulate needs a CONFIG, or --resume RUN_DIR (which carries its own config)")
+    config = load_config(args.resume / "config.json" if args.resume else args.config)
+    result = simulate(config, resume=args.resume)
+    print(f"run directory: {result.run.root}")
+    if (result.run.root / "privacy" / "report.md").exists():
+        print(f"privacy report: {result.run.root / 'privacy' / 'report.md'}")
+    return 0
+
+
+def _experiments(args: argparse.Namespace) -> int:
+    from simulations.experiments import comparison_table, run_experiments, write_comparison
+
+    rows = run_experiments(args.configs)
+    print(comparison_table(rows))
+    print(f"comparison: {write_comparison(rows, args.runs_dir)}")
+    return 1 if any(row.error for row in rows) else 0
+
+
+def _privacy_report(args: argparse.Namespace) -> int:
+    from server.privacy_ledger import PrivacyLedger, write_report
+
+    report = write_report(PrivacyLedger(args.run_dir / "privacy"))
+    for site in report["sites"]:
+        print(f"{site['site']}: epsilon {site['epsilon']:.4f} (budget {site['budget_epsilon']}, delta {site['delta']})")
+    print(f"wrote {args.run_dir / 'privacy' / 'report.md'}")
+    return 0
+
+
+def _usage_error(message: str):
+    from common.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def _anonymize(args: argparse.Namespace) -> int:
+    from anonymize.batch import run_anonymize
+    from anonymize.profile import DEFAULT_OPTION_NAMES, parse_options
+    from anonymize.secret import create_secret
+
+    if args.create_secret:
+        create_secret(args.secret_file)
+    options = parse_options(args.options if args.options is not None else ",".join(DEFAULT_OPTION_NAMES))
+    summary = run_anonymize(
+        args.input, args.output, options=options, secret_file=args.secret_file, workers=args.workers,
+        progress=sys.stderr.isatty(), layout=args.layout, safe_private_file=args.safe_private,
+    )
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(summary.reasons.items())) or "none"
+    print(f"written {summary.written}, quarantined {summary.quarantined} ({reasons}), "
+          f"skipped {summary.skipped} (already done), failed {summary.failed}; audit {summary.audit_path}")
+    return 1 if summary.failed else 0
+
+
+def _add_anonymize_command(commands) -> None:
+    from anonymize.profile import DEFAULT_OPTION_NAMES, OPTION_HELP
+    from anonymize.secret import DEFAULT_SECRET_FILE
+
+    anonymize = commands.add_parser(
+        "anonymize",
+        help="de-identify DICOM files (PS3.15 Basic Profile + options, burned-in text removal)",
+        description="De-identify a DICOM file or folder (recursive) into OUT: every attribute per "
+        "PS3.15 Table E.1-1, keyed UIDs, pseudonyms and date shifts, burned-in text blanked; files "
+        "that cannot be cleaned with confidence are quarantined. Resumable and idempotent.",
+    )
+    anonymize.add_argument("input", type=Path, metavar="IN")
+    anonymize.add_argument("output", type=Path, metavar="OUT")
+    anonymize.add_argument(
+        "--options",
+        help="comma-separated profile options ('' = Basic Profile only); default "
+        + ",".join(DEFAULT_OPTION_NAMES) + ". Valid: " + "; ".join(f"{k} ({v})" for k, v in OPTION_HELP.items()),
+    )
+    anonymize.add_argument("--secret-file", type=Path, default=DEFAULT_SECRET_FILE,
+                           help=f"keyed-hash secret shared by the sites (default {DEFAULT_SECRET_FILE}; never commit it)")
+    anonymize.add_argument("--create-secret", action="store_true", help="create the secret file (mode 0600) first")
+    anonymize.add_argument("--workers", type=int, help="parallel worker processes (default: all cores)")
+    anonymize.add_argument("--layout", choices=("mirror", "uid"), default="mirror",
+                           help="output paths: mirror the input tree, or name files by their new UIDs (strict)")
+    anonymize.add_argument("--safe-private", type=Path, help="JSON allow-list of safe private attributes")
+    anonymize.set_defaults(handler=_anonymize)
+
+
+DEFAULT_KEYRING = Path("secrets/keyring.json")
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from api.crypto import create_key
+
+    key_id = create_key(args.keyring)
+    print(f"created keyring {args.keyring} with active key {key_id} (file mode 0600; keep it out of git)")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from api.crypto import list_keys
+
+    for info in list_keys(args.keyring):
+        print(f"{info.key_id}  created {info.created_at.isoformat()}  {'active' if info.active else 'retired-pending'}")
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    """New active key; with a store named, re-wrap its data keys (images are not re-encrypted)."""
+    from api.crypto import list_keys, load_keyring, retire_key, rotate_key
+
+    old_ids = [info.key_id for info in list_keys(args.keyring)]
+    new_id = rotate_key(args.keyring)
+    print(f"new active key {new_id}")
+    store = _open_store(args, load_keyring(args.keyring))
+    if store is None:
+        print("no store named: existing images keep their old wrapping until `keys rotate` runs with --sqlite/--cassandra")
+        return 0
+    with store:
+        print(f"re-wrapped {store.rewrap_keys()} data key(s) with {new_id}")
+    if args.retire_old:
+        for key_id in old_ids:
+            retire_key(args.keyring, key_id)
+        print(f"retired {len(old_ids)} old key(s)")
+    return 0
+
+
+def _keys_retire(args: argparse.Namespace) -> int:
+    from api.crypto import retire_key
+
+    retire_key(args.keyring, args.key_id)
+    print(f"retired {args.key_id}: data keys still wrapped by it are now unrecoverable")
+    return 0
+
+
+def _open_store(args: argparse.Namespace, keyring):
+    if args.sqlite is not None:
+        from api.store.sqlite import SQLiteImageStore
+
+        return SQLiteImageStore(args.sqlite, keyring, create_schema=False)
+    if args.cassandra is not None:
+        from api.store.cassandra import CassandraImageStore, CassandraSettings
+
+        host, _, port = args.cassandra.partition(":")
+        settings = CassandraSettings(contact_points=(host,), port=int(port or 9042), keyspace=args.keyspace,
+                                     create_schema=False)
+        return CassandraImageStore(settings, keyring)
+    return None
+
+
+def _add_keys_commands(commands) -> None:
+    keys = commands.add_parser("keys", help="key-encryption keys of the image store: create, rotate, list, retire")
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
+
+    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = key_commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--keyring", type=Path, default=DEFAULT_KEYRING,
+                         help=f"keyring file (default {DEFAULT_KEYRING}; never commit it)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("create", _keys_create, "create a new keyring file with one active key-encryption key")
+    add("list", _keys_list, "list the keyring's key ids (never their material)")
+    rotate = add("rotate", _keys_rotate, "add a new active key and re-wrap the store's data keys with it")
+    target = rotate.add_mutually_exclusive_group()
+    target.add_argument("--sqlite", type=Path, help="embedded store database to re-wrap")
+    target.add_argument("--cassandra", metavar="HOST[:PORT]", help="Cassandra contact point of the store to re-wrap")
+    rotate.add_argument("--keyspace", default="mammofl", help="Cassandra keyspace (default mammofl)")
+    rotate.add_argument("--retire-old", action="store_true", help="destroy the old keys after re-wrapping")
+    retire = add("retire", _keys_retire, "destroy a non-active key (crypto-shreds what it still wraps)")
+    retire.add_argument("key_id")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mammofl",
@@ -121,6 +291,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, metavar="CONFIG")
     train.add_argument("--runs-dir", type=Path, default=None, help="override tracking.runs_dir")
     train.set_defaults(handler=_train)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="federated training: every site as a virtual Flower SuperNode in this machine",
+        description="Run the config's sites in Flower's simulation engine (DP-SGD per site when "
+        "privacy.enabled); writes runs/<run_id>/ with metrics, checkpoints and the privacy report.",
+    )
+    simulate.add_argument("config", type=Path, nargs="?", metavar="CONFIG")
+    simulate.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    simulate.set_defaults(handler=_simulate)
+
+    experiments = commands.add_parser(
+        "experiments",
+        help="run several configs (files or folders) and print a comparison table",
+        description="Validate every config, run each (centralised or federated, per its 'training' "
+        "key), then print and write a comparison of their test metrics and privacy cost.",
+    )
+    experiments.add_argument("configs", nargs="+", type=Path, metavar="CONFIG_OR_DIR")
+    experiments.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the comparison is written")
+    experiments.set_defaults(handler=_experiments)
+
+    report = commands.add_parser("privacy-report", help="rebuild a run's privacy report from its ledger")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.set_defaults(handler=_privacy_report)
+
+    _add_anonymize_command(commands)
+    _add_keys_commands(commands)
     return parser
 
 

@@ -52,6 +52,9 @@ def test_every_shipped_config_is_valid(path):
         ({"callbacks": [{"class_name": "EarlyStopping"}, {"class_name": "EarlyStopping"}]},
          ["at most one callback of each class", "EarlyStopping"]),
         ({"privacy": {"enabled": True}}, ["key 'privacy'", "exactly one of target_epsilon or noise_multiplier"]),
+        ({"privacy": {"enabled": True, "noise_multiplier": 1.1}}, ["key 'privacy'", "needs a budget"]),
+        ({"privacy": {"site_budgets": {"site-01": -1}}}, ["privacy.site_budgets.site-01", "greater than 0"]),
+        ({"federation": {"strategy": "fedsgd"}}, ["federation.strategy", "'fedavg', 'fedprox' or 'fedadam'"]),
         ({"data": {"partition": {"scheme": "dirichlet"}}}, ["data.partition", "needs num_sites"]),
         ({"validation_split": 1.5}, ["key 'validation_split'", "less than 1"]),
         ({"augmentation": "yes"}, ["key 'augmentation'"]),
@@ -90,7 +93,7 @@ def test_augmentation_accepts_the_boolean_shorthand_and_the_object_form():
 
 def test_norm_auto_picks_group_norm_when_dp_is_on():
     assert parse_config({}).norm == "batch"
-    assert parse_config({"privacy": {"enabled": True, "noise_multiplier": 1.0}}).norm == "group"
+    assert parse_config({"privacy": {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 5}}).norm == "group"
     assert parse_config({"model": {"norm": "group"}}).norm == "group"
 
 

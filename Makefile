@@ -1,0 +1,47 @@
+# mammofl: `make demo` runs the main job end to end, `make test` the whole suite.
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+DEMO_CONFIG ?= configs/demo-centralised.json
+
+.PHONY: help venv demo test bench clean cassandra-up cassandra-down
+
+help:
+	@echo "make demo   - synthesise data, pretrain the encoder, train and test the baseline"
+	@echo "make test   - run the whole test suite"
+	@echo "make bench  - run the benchmarks in bench/ (prints ratios; slow)"
+	@echo "make clean  - remove runs/, caches and generated demo data (keeps .venv)"
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(INSTALLED)
+
+venv: $(INSTALLED)
+
+demo: venv
+	$(PY) -m mammofl config check $(DEMO_CONFIG)
+	$(PY) -m mammofl pretrain $(DEMO_CONFIG)
+	$(PY) -m mammofl train $(DEMO_CONFIG)
+
+# The suite needs a real single-node Cassandra; the three-node cluster tests start their own.
+test: venv
+	scripts/cassandra/cassandra.sh up
+	$(PY) -m pytest; status=$$?; scripts/cassandra/cassandra.sh down; exit $$status
+
+bench: venv
+	$(PY) bench/encoders.py
+	$(PY) bench/store.py
+
+clean:
+	rm -rf runs .cache data/synthetic data/pretrained .pytest_cache
+
+cassandra-up:
+	scripts/cassandra/cassandra.sh up
+
+cassandra-down:
+	scripts/cassandra/cassandra.sh down

@@ -1,0 +1,87 @@
+"""Self-supervised pretraining: an autoencoder learns to redraw the unlabeled pool.
+
+Only its encoder is kept (mammofl-encoder file), for a classifier to start from via
+``model.pretrained``. Labels in the dataset are ignored, so any image pool will do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.errors import ConfigError, DataError
+from common.models.autoencoder import ConvAutoencoder, save_encoder
+from common.models.encoders import Norm, build_encoder
+from common.training import seed_everything, train_one_epoch
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    out_path: Path
+    epochs: int
+    final_loss: float
+    losses: tuple[float, ...]  # mean reconstruction MSE per image, one per epoch
+
+
+class _SelfTargets(Dataset):
+    """`dataset` with each image as its own target, so the ordinary training loop applies."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.dataset[index][0]
+        return image, image
+
+
+def pretrain_autoencoder(
+    dataset: Dataset,
+    *,
+    encoder_name: str,
+    norm: Norm,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    out_path: Path,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> PretrainResult:
+    """Train a `ConvAutoencoder` on `dataset` ((image [1, S, S] in [0, 1], label) items) with
+    Adam and pixel MSE, then write its encoder to `out_path`.
+
+    Seeds every generator from `seed`: on the CPU two runs give identical losses and weights.
+    """
+    if epochs < 1:
+        raise ConfigError(f"pretraining.epochs {epochs} is invalid; valid: an integer >= 1")
+    if len(dataset) == 0:
+        raise DataError("pretraining needs images, but the unlabeled pool is empty")
+    generator = seed_everything(seed)
+    device = torch.device(device)
+    model = ConvAutoencoder(build_encoder(encoder_name, norm=norm)).to(device)
+    loader = DataLoader(
+        _SelfTargets(dataset),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=num_workers,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    loss_fn = nn.MSELoss()
+    losses: list[float] = []
+    for epoch in range(1, epochs + 1):
+        loss = train_one_epoch(
+            model, loader, optimizer, loss_fn,
+            device=device, progress=progress, description=f"pretrain {epoch}/{epochs}",
+        )
+        losses.append(loss)
+    save_encoder(model, out_path)
+    return PretrainResult(out_path=Path(out_path), epochs=epochs, final_loss=losses[-1], losses=tuple(losses))

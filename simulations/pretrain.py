@@ -1,0 +1,43 @@
+"""``mammofl pretrain CONFIG``: the configured encoder learns the look of mammograms unlabeled.
+
+The pool is the training split of the configured data with labels ignored; the held-out
+test split never takes part, so later test numbers stay honest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.config import ExperimentConfig
+from common.data.dataset import MammogramDataset
+from common.data.pipeline import load_records
+from common.errors import ConfigError
+from common.pretraining import PretrainResult, pretrain_autoencoder
+from common.training import seed_everything, select_device, show_progress
+
+
+def pretrain_from_config(config: ExperimentConfig, *, out_path: Path | None = None) -> PretrainResult:
+    """Pretrain and write the encoder to `out_path` (default: the config's ``model.pretrained``)."""
+    target = out_path or config.model.pretrained
+    if target is None:
+        raise ConfigError("pretraining needs a place for the encoder: set model.pretrained or pass --out")
+    seed_everything(config.seed)
+    progress = show_progress(config.verbose)
+    pool = [record for record in load_records(config.data, progress=progress) if record.split == "train"]
+    dataset = MammogramDataset(
+        pool, image_size=config.model.image_size, mode=config.data.mode, cache_dir=config.data.cache_dir
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return pretrain_autoencoder(
+        dataset,
+        encoder_name=config.encoder,
+        norm=config.norm,
+        epochs=config.pretraining.epochs,
+        batch_size=config.pretraining.batch_size,
+        learning_rate=config.pretraining.learning_rate,
+        seed=config.seed,
+        out_path=target,
+        device=select_device(config.device),
+        num_workers=config.num_workers,
+        progress=progress,
+    )

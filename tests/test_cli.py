@@ -1,0 +1,96 @@
+"""The command line: help everywhere, clear errors with exit status 2, the smoke run end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mammofl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = [[], ["data"], ["data", "synth"], ["config"], ["config", "check"], ["pretrain"], ["train"],
+               ["simulate"], ["experiments"], ["privacy-report"], ["keys"], ["keys", "rotate"], ["anonymize"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda words: " ".join(words) or "mammofl")
+def test_every_command_has_help(words, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*words, "--help"])
+    assert exited.value.code == 0
+    assert "usage: mammofl" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([Path(sys.executable).parent / "mammofl", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("mammofl ")
+
+
+def test_bad_config_exits_2_naming_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochs": 3, "optimizer": "rmsprop"}))
+
+    assert main(["train", str(bad)]) == 2
+
+    error = capsys.readouterr().err
+    assert "bad.json" in error and "key 'optimizer'" in error and "'adam', 'adamw' or 'sgd'" in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_synth_rejects_out_of_range_arguments(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--sites", "0"]) == 2
+    assert "sites" in capsys.readouterr().err
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    config = json.loads((REPO / "configs" / "smoke.json").read_text())
+    config["model"]["pretrained"] = str(tmp_path / "absent.pt")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["train", str(path)]) == 2
+    assert "absent.pt not found" in capsys.readouterr().err
+
+
+def test_smoke_config_pretrains_and_trains_end_to_end(tmp_path, monkeypatch, capsys):
+    config = json.loads((REPO / "configs" / "smoke.json").read_text())
+    config["model"]["pretrained"] = "pretrained/encoder.pt"
+    path = tmp_path / "smoke.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["pretrain", str(path)]) == 0
+    assert (tmp_path / "pretrained" / "encoder.pt").is_file()
+    assert main(["train", str(path)]) == 0
+
+    (run,) = (tmp_path / "runs").iterdir()
+    for relative in ("config.json", "metrics.jsonl", "model/best.pt", "model/last.pt", "summary.md",
+                     "export_model/model.pt"):
+        assert (run / relative).is_file(), relative
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line.get("epoch") for line in lines[:-1]] == [1, 2]
+    assert lines[-1]["split"] == "test" and 0.0 <= lines[-1]["accuracy"] <= 1.0
+    assert "Test metrics" in capsys.readouterr().out
+
+
+def test_keys_create_rotate_rewrap_and_retire_keep_images_readable(tmp_path, capsys):
+    from api.crypto import list_keys, load_keyring
+    from api.store.sqlite import SQLiteImageStore
+
+    keyring, database = tmp_path / "keyring.json", tmp_path / "store.db"
+    assert main(["keys", "create", "--keyring", str(keyring)]) == 0
+    (first_key,) = [info.key_id for info in list_keys(keyring)]
+    with SQLiteImageStore(database, load_keyring(keyring)) as store:
+        image_id = store.put("site-a", b"pixels" * 1000, content_type="application/dicom").image_id
+
+    assert main(["keys", "rotate", "--keyring", str(keyring), "--sqlite", str(database), "--retire-old"]) == 0
+
+    keys = list_keys(keyring)
+    assert [info.key_id for info in keys] != [first_key] and len(keys) == 1
+    with SQLiteImageStore(database, load_keyring(keyring)) as store:
+        assert store.get("site-a", image_id).data == b"pixels" * 1000
+    assert "re-wrapped 1 data key(s)" in capsys.readouterr().out
+    assert main(["keys", "create", "--keyring", str(keyring)]) == 2
+    assert "already exists" in capsys.readouterr().err
