@@ -1,0 +1,164 @@
+"""The site's Flower ClientApp: train on the site's own images, evaluate on its validation split.
+
+The same app runs in the simulation engine (one virtual SuperNode per site, the site chosen
+by ``partition-id``) and in a real deployment (a SuperNode per hospital, ``site-id`` and
+``data-dir`` in its node config). The images never leave the process; what leaves is the
+model update and the numbers below.
+
+Settings come from the run config (``config-path``: the experiment JSON, ``run-dir``: the
+run directory) -- or from `SiteSettings` handed to `make_client_app` by ``mammofl simulate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+from clients.local_training import train_site_round
+from clients.privacy import BudgetExhaustedError, SitePrivacyState
+from common.config import ExperimentConfig, load_config
+from common.runs import AppSettings, resolve_app_settings
+from common.data.pipeline import load_records, make_loader, site_partitions
+from common.data.partition import split_train_val
+from common.data.records import ImageRecord
+from common.losses import build_loss
+from common.models.classifier import build_classifier
+from common.training import evaluate, seed_everything, select_device
+
+STATUS_TRAINED, STATUS_REFUSED = "trained", "refused"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital as its ClientApp sees it: its id, its images and its private state folder."""
+
+    site_id: str
+    config: ExperimentConfig
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    state_dir: Path
+
+
+def load_site(context: Context, settings: AppSettings | None) -> Site:
+    """The site this SuperNode is, from its node config and the run's settings."""
+    config_path = settings.config_path if settings else Path(str(context.run_config["config-path"]))
+    config = load_config(config_path)
+    run_dir = resolve_app_settings(context.run_config, context.run_id, settings, config.tracking.runs_dir).run_dir
+    node = context.node_config
+    records = load_records(config.data)
+    if "site-id" in node:
+        site_id = str(node["site-id"])
+        site_records = [record for record in records if record.split == "train"]
+    else:
+        partitions = site_partitions(records, config)
+        site_id = sorted(partitions)[int(node["partition-id"])]
+        site_records = partitions[site_id]
+    train, val = split_train_val(site_records, config.validation_split, seed=config.seed)
+    state_dir = Path(str(node.get("state-dir", run_dir / "sites" / site_id)))
+    return Site(site_id=site_id, config=config, train=train, val=val or train, state_dir=state_dir)
+
+
+def _model_from(message: Message, config: ExperimentConfig) -> torch.nn.Module:
+    """The configured architecture holding the weights the server sent."""
+    model = build_classifier(config.encoder, norm=config.norm, dropout=config.model.dropout)
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def train(message: Message, context: Context, settings: AppSettings | None = None) -> Message:
+    site = load_site(context, settings)
+    config = site.config
+    server_round = int(message.content["config"]["server-round"])
+    generator = seed_everything(config.seed * 1000 + server_round)
+    model = _model_from(message, config)
+    privacy_state = (
+        SitePrivacyState.load_or_create(site.state_dir, site.site_id, config.privacy) if config.privacy.enabled else None
+    )
+    try:
+        result = train_site_round(
+            model,
+            site.train,
+            config,
+            server_round=server_round,
+            device=select_device(config.device),
+            privacy_state=privacy_state,
+            state_dir=site.state_dir,
+            proximal_mu=float(message.content["config"].get("proximal-mu", 0.0)),
+            generator=generator,
+        )
+    except BudgetExhaustedError as refusal:
+        # Echo the global model (a zero update) so that clipping mods see a well-formed reply;
+        # the server drops refusals before aggregating.
+        return Message(
+            RecordDict({
+                "arrays": message.content["arrays"],
+                "metrics": MetricRecord({"num-examples": 0, "epsilon": privacy_state.spent_epsilon}),
+                "privacy": ConfigRecord({"site-id": site.site_id, "status": STATUS_REFUSED, "reason": str(refusal)}),
+            }),
+            reply_to=message,
+        )
+    metrics = {"num-examples": result.num_examples, "train_loss": result.train_loss}
+    privacy = {"site-id": site.site_id, "status": STATUS_TRAINED}
+    if result.privacy is not None:
+        metrics |= {
+            "steps": result.privacy.steps,
+            "sample_rate": result.privacy.sample_rate,
+            "noise_multiplier": result.privacy.noise_multiplier,
+            "max_grad_norm": result.privacy.max_grad_norm,
+            "epsilon": result.privacy.epsilon,
+            "delta": result.privacy.delta,
+            "budget_epsilon": result.privacy.budget_epsilon,
+        }
+        privacy["accountant"] = result.privacy.accountant
+    return Message(
+        RecordDict({
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(metrics),
+            "privacy": ConfigRecord(privacy),
+        }),
+        reply_to=message,
+    )
+
+
+def evaluate_site(message: Message, context: Context, settings: AppSettings | None = None) -> Message:
+    site = load_site(context, settings)
+    config = site.config
+    model = _model_from(message, config)
+    device = select_device(config.device)
+    loss_fn = build_loss(config.loss, [1, 1, 1])
+    metrics = evaluate(model.to(device), make_loader(site.val, config, train=False), loss_fn, device=device)
+    content = {f"val_{key}": value for key, value in metrics.items()}
+    return Message(
+        RecordDict({"metrics": MetricRecord({**content, "num-examples": len(site.val)})}),
+        reply_to=message,
+    )
+
+
+def make_client_app(settings: AppSettings | None = None) -> ClientApp:
+    """The site's ClientApp; `settings` are given by ``mammofl simulate``, else read from the run config."""
+
+    def client_dp_mod(message: Message, context: Context, call_next) -> Message:
+        """Client-side clipping of client-level DP, as ``federation.client_dp.mode`` asks.
+
+        Flower's clipping mods pair with the server's DP wrappers, which send the clipping
+        norm; in every other mode the message passes untouched, so one app serves all runs.
+        """
+        config_path = settings.config_path if settings else Path(str(context.run_config["config-path"]))
+        mode = load_config(config_path).federation.client_dp.mode
+        clipping_mod = {"client-fixed": fixedclipping_mod, "client-adaptive": adaptiveclipping_mod}.get(mode)
+        if clipping_mod is None:
+            return call_next(message, context)
+        return clipping_mod(message, context, call_next)
+
+    app = ClientApp(mods=[client_dp_mod])
+    app.train()(lambda message, context: train(message, context, settings))
+    app.evaluate()(lambda message, context: evaluate_site(message, context, settings))
+    return app
+
+
+app = make_client_app()

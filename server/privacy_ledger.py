@@ -1,0 +1,185 @@
+"""The privacy ledger of a run and the report a privacy officer signs off.
+
+``runs/<id>/privacy/ledger.jsonl`` holds one line per site per round, as the site reported
+it: status (trained / refused / failed), steps, sample rate, noise multiplier, clipping
+norm, cumulative epsilon at delta, the site's budget and the accountant. The report
+(``report.json``, ``report.md``, ``epsilon.png``) is derived from the ledger alone, so
+``mammofl privacy-report RUN_DIR`` can always rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import MammoflError
+from common.runs import json_safe
+
+PATIENT_IMAGES = 4  # a screening exam: CC and MLO of both breasts
+
+
+class LedgerError(MammoflError):
+    """A run directory has no privacy ledger, or an unreadable one."""
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    directory: Path
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "ledger.jsonl"
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(json_safe(row), sort_keys=True) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            raise LedgerError(f"{self.path}: no privacy ledger (was the run made with privacy.enabled?)")
+        try:
+            return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise LedgerError(f"{self.path}: line {exc.lineno} is not valid JSON") from None
+
+    def last_round(self) -> int:
+        return max((row["round"] for row in self.rows()), default=0) if self.path.exists() else 0
+
+
+def group_privacy(epsilon: float, delta: float, group_size: int) -> tuple[float, float]:
+    """(epsilon, delta) for a group of `group_size` records: (k eps, k e^((k-1) eps) delta)."""
+    k = group_size
+    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta
+
+
+def site_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per site: the final epsilon, its budget and how each round went."""
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_site.setdefault(row["site"], []).append(row)
+    summaries = []
+    for site, site_rows in sorted(by_site.items()):
+        trained = [row for row in site_rows if row["status"] == "trained"]
+        last = trained[-1] if trained else None
+        epsilon = last["epsilon"] if last else 0.0
+        delta = last["delta"] if last else None
+        budget = next((row.get("budget_epsilon") for row in reversed(site_rows) if row.get("budget_epsilon")), None)
+        patient = group_privacy(epsilon, delta, PATIENT_IMAGES) if last else None
+        summaries.append({
+            "site": site,
+            "epsilon": epsilon,
+            "delta": delta,
+            "budget_epsilon": budget,
+            "within_budget": budget is None or epsilon <= budget,
+            "accountant": last["accountant"] if last else None,
+            "noise_multiplier": last["noise_multiplier"] if last else None,
+            "sample_rate": last["sample_rate"] if last else None,
+            "max_grad_norm": last["max_grad_norm"] if last else None,
+            "steps": sum(row["steps"] for row in trained),
+            "rounds_trained": [row["round"] for row in trained],
+            "rounds_refused": [row["round"] for row in site_rows if row["status"] == "refused"],
+            "rounds_failed": [row["round"] for row in site_rows if row["status"] == "failed"],
+            "patient_epsilon": patient[0] if patient else None,
+            "patient_delta": patient[1] if patient else None,
+        })
+    return summaries
+
+
+GUARANTEE = (
+    "Each site trains with DP-SGD (Opacus: per-image gradient clipping to the clipping norm, "
+    "Gaussian noise, Poisson sampling) and accounts every step it ever took in this run. For "
+    "site s with final (epsilon_s, delta): everything site s released during the run -- all of "
+    "its model updates -- is (epsilon_s, delta)-differentially private with respect to adding or "
+    "removing any one training image of site s. This is sample-level DP at the site; it does not "
+    "depend on the aggregator being honest. One patient usually contributes several images "
+    f"(a screening exam has {PATIENT_IMAGES}); by group privacy a patient with k images is protected at "
+    "(k epsilon, k e^((k-1) epsilon) delta), shown below for k = "
+    f"{PATIENT_IMAGES}. Not covered: the number of training images a site reports, and the "
+    "federated-evaluation metrics computed on a site's validation images (set "
+    "federation.fraction_evaluate to 0 where those must not leave the site)."
+)
+
+
+def build_report(ledger: PrivacyLedger) -> dict[str, Any]:
+    rows = ledger.rows()
+    sites = site_summaries(rows)
+    return {
+        "guarantee": GUARANTEE,
+        "unit": "one training image (add/remove adjacency) per site",
+        "sites": sites,
+        "all_within_budget": all(site["within_budget"] for site in sites),
+        "rounds": max((row["round"] for row in rows), default=0),
+    }
+
+
+def write_report(ledger: PrivacyLedger) -> dict[str, Any]:
+    """Write report.json, report.md and epsilon.png next to the ledger; returns the report."""
+    report = build_report(ledger)
+    (ledger.directory / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    (ledger.directory / "report.md").write_text(_markdown(report))
+    _plot(ledger.rows(), report, ledger.directory / "epsilon.png")
+    return report
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Privacy report",
+        "",
+        "## Guarantee",
+        "",
+        report["guarantee"],
+        "",
+        "## Per site",
+        "",
+        "| site | epsilon | delta | budget | within | accountant | noise | sample rate | clip | steps | "
+        f"rounds trained | refused | failed | patient ({PATIENT_IMAGES} images) epsilon, delta |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for site in report["sites"]:
+        patient = (f"{site['patient_epsilon']:.3f}, {site['patient_delta']:.2e}"
+                   if site["patient_epsilon"] is not None else "-")
+        lines.append(
+            f"| {site['site']} | {site['epsilon']:.4f} | {_number(site['delta'])} | {_number(site['budget_epsilon'])} "
+            f"| {'yes' if site['within_budget'] else '**NO**'} | {site['accountant'] or '-'} "
+            f"| {_number(site['noise_multiplier'])} | {_number(site['sample_rate'])} | {_number(site['max_grad_norm'])} "
+            f"| {site['steps']} | {_rounds(site['rounds_trained'])} | {_rounds(site['rounds_refused'])} "
+            f"| {_rounds(site['rounds_failed'])} | {patient} |"
+        )
+    verdict = "every site stayed within its budget" if report["all_within_budget"] else "A SITE EXCEEDED ITS BUDGET"
+    lines += ["", f"Over {report['rounds']} round(s): {verdict}.", "", "![epsilon per round](epsilon.png)", ""]
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _rounds(rounds: list[int]) -> str:
+    return ", ".join(map(str, rounds)) or "-"
+
+
+def _plot(rows: list[dict[str, Any]], report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for index, site in enumerate(report["sites"]):
+        trained = [row for row in rows if row["site"] == site["site"] and row["status"] == "trained"]
+        color = f"C{index}"
+        axes.plot([row["round"] for row in trained], [row["epsilon"] for row in trained], "o-",
+                  color=color, label=site["site"])
+        if site["budget_epsilon"]:
+            axes.axhline(site["budget_epsilon"], color=color, linestyle="--", linewidth=1)
+    axes.set_xlabel("round")
+    axes.set_ylabel("cumulative epsilon (dashed: budget)")
+    axes.set_title("Sample-level epsilon per site")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,180 @@
+"""The aggregator's Flower ServerApp: rounds of train -> aggregate -> evaluate, with a privacy ledger.
+
+The round loop is ours, the strategy is Flower's: each round asks the strategy to sample
+sites (``configure_train``), sends the global model, sorts the replies into trained,
+refused (budget) and failed sites, lets the strategy aggregate the trained ones, then
+evaluates centrally on the held-out test split and federatedly on the sites' validation
+splits. Owning the loop is what lets a run record refusals and failures, checkpoint the
+best global model with ModelCheckpoint semantics, stop on exhausted budgets and resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from common.callbacks import ModelCheckpoint
+from common.config import ExperimentConfig, load_config
+from common.data.pipeline import load_records, make_loader
+from common.data.records import CLASS_NAMES
+from common.losses import build_loss
+from common.models.classifier import load_checkpoint, save_checkpoint
+from common.models.configured import classifier_from_config
+from common.runs import AppSettings, RunDirectory, resolve_app_settings
+from common.training import evaluate, seed_everything, select_device
+from server.privacy_ledger import PrivacyLedger, write_report
+from server.strategy import build_strategy
+
+RoundObserver = Callable[[int, dict[str, Any], list[dict[str, Any]]], None]
+"""Called after each round with (round, metrics, ledger rows of the round)."""
+
+
+def settings_for(context: Context, explicit: AppSettings | None) -> AppSettings:
+    config_path = explicit.config_path if explicit else Path(str(context.run_config["config-path"]))
+    runs_dir = load_config(config_path).tracking.runs_dir
+    return resolve_app_settings(context.run_config, context.run_id, explicit, runs_dir)
+
+
+@dataclass
+class RoundReplies:
+    trained: list[Message] = field(default_factory=list)
+    ledger_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        statuses = [row["status"] for row in self.ledger_rows]
+        return {f"sites_{status}": statuses.count(status) for status in ("trained", "refused", "failed")}
+
+
+def sort_replies(server_round: int, replies: list[Message], site_of_node: dict[int, str]) -> RoundReplies:
+    """Split replies into trained updates and ledger rows for every site (failed ones too)."""
+    outcome = RoundReplies()
+    for reply in replies:
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            outcome.ledger_rows.append({"site": site_of_node.get(node_id, f"node-{node_id}"), "round": server_round,
+                                        "status": "failed", "reason": reply.error.reason[:200]})
+            continue
+        privacy, metrics = reply.content["privacy"], reply.content["metrics"]
+        site = str(privacy["site-id"])
+        site_of_node[node_id] = site
+        row = {"site": site, "round": server_round, "status": str(privacy["status"])}
+        row |= {key: metrics[key] for key in ("steps", "sample_rate", "noise_multiplier", "max_grad_norm",
+                                              "epsilon", "delta", "budget_epsilon") if key in metrics}
+        if "accountant" in privacy:
+            row["accountant"] = str(privacy["accountant"])
+        if row["status"] == "refused":
+            row["reason"] = str(privacy["reason"])
+        else:
+            outcome.trained.append(reply)
+        outcome.ledger_rows.append(row)
+    return outcome
+
+
+class Federation:
+    """One federated run over a Grid, writing the usual run directory."""
+
+    def __init__(self, grid: Grid, config: ExperimentConfig, run: RunDirectory, *,
+                 observer: RoundObserver | None = None, log: Callable[[str], None] = print) -> None:
+        self.grid, self.config, self.run, self.observer, self.log = grid, config, run, observer, log
+        self.device = select_device(config.device)
+        self.ledger = PrivacyLedger(run.root / "privacy")
+        self.checkpoint = ModelCheckpoint(config.checkpoint, run.model_dir)
+        self.site_of_node: dict[int, str] = {}
+        records = load_records(config.data)
+        self.test_loader = make_loader([r for r in records if r.split == "test"], config, train=False)
+        self.loss_fn = build_loss(config.loss, [1] * len(CLASS_NAMES))
+
+    def run_rounds(self) -> dict[str, Any]:
+        config = self.config
+        model, start_round = self._initial_model()
+        arrays = ArrayRecord(model.state_dict())
+        num_sites = max(len(list(self.grid.get_node_ids())), config.federation.min_available_sites)
+        strategy = build_strategy(config.federation, num_sites=num_sites)
+        last_metrics: dict[str, Any] = {}
+        for server_round in range(start_round, config.federation.rounds + 1):
+            started = time.perf_counter()
+            round_config = ConfigRecord({"server-round": server_round})
+            replies = list(self.grid.send_and_receive(strategy.configure_train(server_round, arrays, round_config, self.grid)))
+            outcome = sort_replies(server_round, replies, self.site_of_node)
+            for row in outcome.ledger_rows:
+                self.ledger.append(row)
+            if not outcome.trained:
+                self.log(f"round {server_round}: no site trained ({outcome.counts}); the run ends")
+                break
+            aggregated, train_metrics = strategy.aggregate_train(server_round, outcome.trained)
+            if aggregated is not None:
+                arrays = aggregated
+            model.load_state_dict(arrays.to_torch_state_dict())
+            metrics = {"train_loss": _metric(train_metrics, "train_loss"), **outcome.counts}
+            metrics |= {f"test_{k}": v for k, v in evaluate(model, self.test_loader, self.loss_fn, device=self.device).items()}
+            metrics |= self._federated_evaluation(strategy, server_round, arrays)
+            metrics["seconds"] = round(time.perf_counter() - started, 3)
+            self._finish_round(server_round, model, metrics, outcome)
+            last_metrics = metrics
+            if outcome.counts["sites_refused"] and config.privacy.on_budget_exhausted == "stop":
+                self.log(f"round {server_round}: a site's budget is exhausted and privacy.on_budget_exhausted is 'stop'")
+                break
+        if config.privacy.enabled and self.ledger.path.exists():
+            write_report(self.ledger)
+        return last_metrics
+
+    def _initial_model(self) -> tuple[torch.nn.Module, int]:
+        """The global model to start from: the last round's on resume, else the configured one."""
+        last = self.run.model_dir / "last.pt"
+        if last.exists():
+            model, extra = load_checkpoint(last)
+            best = [row for row in self.run.read_metrics() if "round" in row]
+            for row in best:  # replay the monitor so that best.pt is only replaced by a better model
+                self.checkpoint.update(row["round"], row, lambda path, optimizer: None)
+            self.log(f"resuming after round {extra['round']}")
+            return model.to(self.device), int(extra["round"]) + 1
+        return classifier_from_config(self.config).to(self.device), 1
+
+    def _federated_evaluation(self, strategy, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        if not self.config.federation.fraction_evaluate:
+            return {}
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"server-round": server_round}), self.grid)
+        replies = [reply for reply in self.grid.send_and_receive(messages) if not reply.has_error()]
+        aggregated = strategy.aggregate_evaluate(server_round, replies) if replies else None
+        return {key: float(value) for key, value in (aggregated or {}).items() if key.startswith("val_")}
+
+    def _finish_round(self, server_round: int, model, metrics: dict[str, Any], outcome: RoundReplies) -> None:
+        self.run.log_metrics({"round": server_round, **metrics})
+        extra = {"round": server_round, "metrics": metrics, "class_names": list(CLASS_NAMES),
+                 "image_size": self.config.model.image_size}
+        save_checkpoint(model, self.run.model_dir / "last.pt", **extra)
+        self.checkpoint.update(server_round, metrics, lambda path, _: save_checkpoint(model, path, **extra))
+        self.log(f"round {server_round}: {outcome.counts} test_accuracy={metrics['test_accuracy']:.4f} "
+                 f"test_macro_auc={metrics['test_macro_auc']:.4f} val_loss={metrics.get('val_loss', float('nan')):.4f}")
+        if self.observer is not None:
+            self.observer(server_round, metrics, outcome.ledger_rows)
+
+
+def _metric(record, key: str) -> float:
+    return float(record[key]) if record is not None and key in record else float("nan")
+
+
+def make_server_app(settings: AppSettings | None = None, *, observer: RoundObserver | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        resolved = settings_for(context, settings)
+        config = load_config(resolved.config_path)
+        seed_everything(config.seed)
+        run = RunDirectory(resolved.run_dir)
+        run.model_dir.mkdir(parents=True, exist_ok=True)
+        Federation(grid, config, run, observer=observer).run_rounds()
+
+    return app
+
+
+app = make_server_app()

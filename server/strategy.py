@@ -1,0 +1,56 @@
+"""The aggregation strategy a config asks for: Flower's own implementations, wrapped as needed.
+
+FedAvg, FedProx and FedAdam are weighted by each site's number of training examples
+(Flower's ``num-examples`` key). Client-level DP wraps the strategy with Flower's clipping
+wrappers: it bounds what one whole site's update can change, a guarantee about sites,
+on top of the per-image DP-SGD each site runs itself.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from common.config import FederationConfig
+
+CLIENT_DP_WRAPPERS = {
+    "server-fixed": DifferentialPrivacyServerSideFixedClipping,
+    "client-fixed": DifferentialPrivacyClientSideFixedClipping,
+    "server-adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
+    "client-adaptive": DifferentialPrivacyClientSideAdaptiveClipping,
+}
+
+
+def build_strategy(federation: FederationConfig, *, num_sites: int) -> Strategy:
+    """The configured strategy over `num_sites` sites, with client-level DP if asked."""
+    common = dict(
+        fraction_train=federation.fraction_train,
+        fraction_evaluate=federation.fraction_evaluate,
+        min_train_nodes=min(federation.min_train_sites, num_sites),
+        min_evaluate_nodes=min(federation.min_train_sites, num_sites) if federation.fraction_evaluate else 0,
+        min_available_nodes=min(federation.min_available_sites, num_sites),
+    )
+    if federation.strategy == "fedprox":
+        strategy: Strategy = FedProx(proximal_mu=federation.proximal_mu, **common)
+    elif federation.strategy == "fedadam":
+        strategy = FedAdam(eta=federation.server_learning_rate, **common)
+    else:
+        strategy = FedAvg(**common)
+    client_dp = federation.client_dp
+    if client_dp.mode == "off":
+        return strategy
+    sampled = max(round(federation.fraction_train * num_sites), common["min_train_nodes"])
+    wrapper = CLIENT_DP_WRAPPERS[client_dp.mode]
+    if client_dp.mode.endswith("fixed"):
+        return wrapper(strategy, noise_multiplier=client_dp.noise_multiplier,
+                       clipping_norm=client_dp.clipping_norm, num_sampled_clients=sampled)
+    return wrapper(strategy, noise_multiplier=client_dp.noise_multiplier,
+                   initial_clipping_norm=client_dp.clipping_norm, num_sampled_clients=sampled)
