@@ -155,6 +155,7 @@ class SyntheticDataConfig(Section):
     seed: int = 0
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     burned_in_text: float = Field(default=0.3, ge=0.0, le=1.0)
+    lesion_contrast: float = Field(default=1.0, ge=0.25, le=4.0)
 
 
 class PartitionConfig(Section):

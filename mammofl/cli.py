@@ -28,6 +28,7 @@ def _synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         test_fraction=args.test_fraction,
         burned_in_text=args.burned_in_text,
+        lesion_contrast=args.lesion_contrast,
         progress=sys.stderr.isatty(),
     )
     for site, splits in summary.counts.items():
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--test-fraction", type=float, default=0.2, help="share of patients held out for test (default 0.2)")
     synth.add_argument("--burned-in-text", type=float, default=0.3,
                        help="probability that an image carries burned-in text, 0 to disable (default 0.3)")
+    synth.add_argument("--lesion-contrast", type=float, default=1.0,
+                       help="scale of every lesion's contrast, 0.25-4; 1 is the calibrated default (difficulty knob)")
     synth.set_defaults(handler=_synth)
 
     config = commands.add_parser("config", help="configuration files: validate")

@@ -390,10 +390,13 @@ class _Anatomy:
     gland: np.ndarray
 
 
-def render_image(spec: ImageSpec, scanner: ScannerProfile, size: int) -> SyntheticImage:
+def render_image(spec: ImageSpec, scanner: ScannerProfile, size: int, *, lesion_contrast: float = 1.0
+                 ) -> SyntheticImage:
     """Draw one mammogram of `size` rows as `scanner` would store it.
 
-    Deterministic: the same spec, scanner and size give identical pixels.
+    `lesion_contrast` scales every lesion's contrast (1 = the calibrated default): the
+    difficulty knob for experiments that need an easier or harder task.
+    Deterministic: the same spec, scanner, size and contrast give identical pixels.
     """
     if spec.view not in VIEWS:
         raise DataError(f"view {spec.view!r} is not one of {VIEWS}")
@@ -405,7 +408,7 @@ def render_image(spec: ImageSpec, scanner: ScannerProfile, size: int) -> Synthet
     outline = _view_outline(spec.breast, spec.view, shape, rng)
     anatomy = _anatomy(spec.breast, spec.view, outline, shape)
     attenuation, breast_mask, pectoral_mask = _tissue_attenuation(anatomy, outline, shape, spacing)
-    masks = tuple(_paint_lesion(attenuation, anatomy.gland, lesion, spec.view, outline, spacing)
+    masks = tuple(_paint_lesion(attenuation, anatomy.gland, lesion, spec.view, outline, spacing, lesion_contrast)
                   for lesion in spec.lesions)
     pixels, window = _acquire(attenuation, breast_mask, scanner, rng)
     orient = np.fliplr if spec.breast.laterality == "R" else np.asarray
@@ -573,7 +576,7 @@ def _lesion_box(center: tuple[float, float], half_extent: float, shape: tuple[in
 
 
 def _paint_lesion(attenuation: np.ndarray, gland: np.ndarray, lesion: Lesion, view: str,
-                  outline: _Outline, spacing: float) -> np.ndarray:
+                  outline: _Outline, spacing: float, contrast_scale: float) -> np.ndarray:
     """Add one lesion to `attenuation` in place; return its ROI mask.
 
     The mask always holds at least the pixel at the lesion's center: on thumbnails a lesion
@@ -582,22 +585,22 @@ def _paint_lesion(attenuation: np.ndarray, gland: np.ndarray, lesion: Lesion, vi
     rng = np.random.default_rng([lesion.seed, VIEWS.index(view)])
     center = _lesion_center(lesion, view, outline, rng)
     if lesion.kind == "mass":
-        mask = _paint_mass(attenuation, gland, lesion, center, spacing, rng)
+        mask = _paint_mass(attenuation, gland, lesion, center, spacing, rng, contrast_scale)
     else:
-        mask = _paint_calcifications(attenuation, lesion, center, spacing, rng)
+        mask = _paint_calcifications(attenuation, lesion, center, spacing, rng, contrast_scale)
     mask[min(round(center[0]), mask.shape[0] - 1), min(round(center[1]), mask.shape[1] - 1)] = True
     return mask
 
 
 def _paint_mass(attenuation: np.ndarray, gland: np.ndarray, lesion: Lesion, center: tuple[float, float],
-                spacing: float, rng: np.random.Generator) -> np.ndarray:
+                spacing: float, rng: np.random.Generator, contrast_scale: float) -> np.ndarray:
     """A mass: warped ellipse with a margin-dependent edge, plus spicules when spiculated."""
     radius_mm = lesion.size_mm / 2
     spiculated = lesion.margins == "SPICULATED"
     reach_mm = radius_mm * (2.8 if spiculated else 1.3) + 2 * spacing
     rows, cols, dy, dx = _lesion_box(center, reach_mm / spacing, attenuation.shape)
     view_angle = rng.uniform(0, np.pi)
-    contrast = _MASS_CONTRAST_BY_SUBTLETY[lesion.subtlety] * rng.uniform(0.85, 1.15)
+    contrast = _MASS_CONTRAST_BY_SUBTLETY[lesion.subtlety] * rng.uniform(0.85, 1.15) * contrast_scale
     distance, spicules = _coarse_then_full(
         lambda u, v, step: _mass_fields(u * spacing, v * spacing, step * spacing, lesion, radius_mm, view_angle),
         dy, dx)
@@ -685,10 +688,10 @@ class _Speck:
 
 
 def _paint_calcifications(attenuation: np.ndarray, lesion: Lesion, center: tuple[float, float], spacing: float,
-                          rng: np.random.Generator) -> np.ndarray:
+                          rng: np.random.Generator, contrast_scale: float) -> np.ndarray:
     """A group of calcification particles; the ROI mask is the union of discs around them."""
     specks = _calc_specks(lesion, rng)
-    contrast = _CALC_CONTRAST_BY_SUBTLETY[lesion.subtlety] * rng.uniform(0.85, 1.15)
+    contrast = _CALC_CONTRAST_BY_SUBTLETY[lesion.subtlety] * rng.uniform(0.85, 1.15) * contrast_scale
     mask = np.zeros(attenuation.shape, dtype=bool)
     mask_radius_mm = max(1.5, 0.12 * lesion.size_mm)
     for speck in specks:

@@ -156,16 +156,19 @@ class FakeStudy:
 
 
 def synthesize_dataset(out_dir: Path, *, sites: int = 3, per_site: int = 100, size: int = 256, seed: int = 0,
-                       test_fraction: float = 0.2, burned_in_text: float = 0.3,
+                       test_fraction: float = 0.2, burned_in_text: float = 0.3, lesion_contrast: float = 1.0,
                        progress: bool = False) -> SynthSummary:
     """Write `sites` sites of `per_site` mammograms each (`size` rows) under `out_dir`.
 
     `burned_in_text` is the probability that an image carries the patient's name, a date and a
-    laterality marker in its pixels (then BurnedInAnnotation is YES). `out_dir` must be new or
+    laterality marker in its pixels (then BurnedInAnnotation is YES). `lesion_contrast` scales
+    every lesion's contrast (1 = calibrated default, in [0.25, 4]). `out_dir` must be new or
     empty, so no stale site can mix with this data set. Raises DataError on invalid arguments.
     """
     _validate_arguments(sites=sites, per_site=per_site, size=size, seed=seed,
                         test_fraction=test_fraction, burned_in_text=burned_in_text)
+    if not 0.25 <= lesion_contrast <= 4.0:
+        raise DataError(f"lesion_contrast={lesion_contrast!r} is invalid: must be a number in [0.25, 4]")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"out_dir {out_dir} exists and is not an empty directory; give a new or empty directory")
@@ -179,11 +182,12 @@ def synthesize_dataset(out_dir: Path, *, sites: int = 3, per_site: int = 100, si
                               first_patient_number=next_patient)
             next_patient += len(exams)
             writer = _SiteWriter(out_dir / site_id, site_index, seed=seed, size=size, per_site=per_site,
-                                 burned_in_text=burned_in_text)
+                                 burned_in_text=burned_in_text, lesion_contrast=lesion_contrast)
             counts[site_id] = writer.write(exams, bar)
             site_manifests[site_id] = _site_manifest(site_index, exams, counts[site_id])
     manifest_path = _write_manifest(out_dir, site_manifests, seed=seed, size=size, per_site=per_site,
-                                    test_fraction=test_fraction, burned_in_text=burned_in_text)
+                                    test_fraction=test_fraction, burned_in_text=burned_in_text,
+                                    lesion_contrast=lesion_contrast)
     return SynthSummary(out_dir, site_ids, counts, manifest_path)
 
 
@@ -349,13 +353,14 @@ class _SiteWriter:
     """Writes the DICOM files and CSVs of one site."""
 
     def __init__(self, site_dir: Path, site_index: int, *, seed: int, size: int, per_site: int,
-                 burned_in_text: float) -> None:
+                 burned_in_text: float, lesion_contrast: float) -> None:
         self.site_dir = site_dir
         self.site_index = site_index
         self.seed = seed
         self.size = size
         self.per_site = per_site
         self.burned_in_text = burned_in_text
+        self.lesion_contrast = lesion_contrast
         self.scanner = scanner_for_site(site_index)
         self.institution = site_institution(site_index, seed)
 
@@ -388,7 +393,7 @@ class _SiteWriter:
     def _write_image(self, context: _ImageContext, spec: ImageSpec) -> tuple[str, list[list[str]]]:
         """Write the mammogram and, per lesion, its ROI mask and crop; return its CSV kind and rows."""
         rng = np.random.default_rng([self.seed, self.site_index, context.patient_number, context.image_index, 0x1A])
-        image = render_image(spec, self.scanner, self.size)
+        image = render_image(spec, self.scanner, self.size, lesion_contrast=self.lesion_contrast)
         burned = rng.random() < self.burned_in_text
         pixels = _burn_in(image.pixels, context, spec, self.scanner) if burned else image.pixels
         kind = _csv_kind(spec)
@@ -689,7 +694,7 @@ def _site_manifest(site_index: int, exams: Sequence[PatientExam], counts: dict[s
 
 
 def _write_manifest(out_dir: Path, sites: dict[str, dict], *, seed: int, size: int, per_site: int,
-                    test_fraction: float, burned_in_text: float) -> Path:
+                    test_fraction: float, burned_in_text: float, lesion_contrast: float) -> Path:
     rows, cols = image_shape(size)
     manifest = {
         "generator": "mammofl synthetic mammography",
@@ -702,6 +707,7 @@ def _write_manifest(out_dir: Path, sites: dict[str, dict], *, seed: int, size: i
         "per_site": per_site,
         "test_fraction": test_fraction,
         "burned_in_text": burned_in_text,
+        "lesion_contrast": lesion_contrast,
         "classes": list(CLASS_NAMES),
         "sites": sites,
     }
