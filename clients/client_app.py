@@ -19,6 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
+from anonymize.gate import require_deidentified_file
+from anonymize.secret import load_secret
 from clients.local_training import train_site_round
 from clients.privacy import BudgetExhaustedError, SitePrivacyState
 from common.config import ExperimentConfig, load_config
@@ -58,9 +60,18 @@ def load_site(context: Context, settings: AppSettings | None) -> Site:
         partitions = site_partitions(records, config)
         site_id = sorted(partitions)[int(node["partition-id"])]
         site_records = partitions[site_id]
+    if config.data.require_deidentified:
+        require_deidentified(site_records, config.data.deidentification_secret)
     train, val = split_train_val(site_records, config.validation_split, seed=config.seed)
     state_dir = Path(str(node.get("state-dir", run_dir / "sites" / site_id)))
     return Site(site_id=site_id, config=config, train=train, val=val or train, state_dir=state_dir)
+
+
+def require_deidentified(records: list[ImageRecord], secret_file: Path | None) -> None:
+    """The gate: refuse to train unless every image came out of `mammofl anonymize`."""
+    secret = load_secret(secret_file) if secret_file is not None else None
+    for record in records:
+        require_deidentified_file(record.image_path, secret)
 
 
 def _model_from(message: Message, config: ExperimentConfig) -> torch.nn.Module:

@@ -179,6 +179,10 @@ class DataConfig(Section):
     layout: Literal["auto", "direct", "tcia", "kaggle"] = "auto"
     mode: Literal["full", "roi"] = "full"
     cache_dir: Path | None = Path(".cache/images")
+    # The gate: sites train only on DICOM files `mammofl anonymize` produced (checked with the
+    # shared secret when given, which makes the markers unforgeable).
+    require_deidentified: bool = False
+    deidentification_secret: Path | None = None
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     partition: PartitionConfig = PartitionConfig()
 

@@ -172,6 +172,8 @@ def make_server_app(settings: AppSettings | None = None, *, observer: RoundObser
         seed_everything(config.seed)
         run = RunDirectory(resolved.run_dir)
         run.model_dir.mkdir(parents=True, exist_ok=True)
+        if not (run.root / "config.json").exists():
+            run.write_config(config)
         Federation(grid, config, run, observer=observer).run_rounds()
 
     return app

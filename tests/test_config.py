@@ -31,7 +31,7 @@ def test_our_copy_of_the_reference_config_matches_the_shared_one():
     assert json.loads(SHARED_REFERENCE.read_text()) == json.loads((REPO / "configs" / "reference.json").read_text())
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     assert isinstance(load_config(path), ExperimentConfig)
 
