@@ -42,7 +42,7 @@ def test_every_shipped_config_is_valid(path):
         ({"optimizer": "rmsprop"}, ["key 'optimizer'", "'adam', 'adamw' or 'sgd'", '"rmsprop"']),
         ({"epochs": 0}, ["key 'epochs'", "greater than or equal to 1"]),
         ({"learning_rte": 0.1}, ["key 'learning_rte'", "unknown key", "learning_rate"]),
-        ({"data": {"sourc": "x"}}, ["key 'data.sourc'", "allowed here: cache_dir, layout, mode"]),
+        ({"data": {"sourc": "x"}}, ["key 'data.sourc'", "allowed here: cache_dir, deidentification_secret, layout, mode"]),
         ({"encoder": "vgg16"}, ["key 'encoder'", "resnet50", "smallcnn"]),
         ({"callbacks": [{"class_name": "ModelCheckpoint", "config": {"monitor": "val_f1"}}]},
          ["callbacks.0.config.monitor", "unknown monitor 'val_f1'", "val_accuracy"]),
