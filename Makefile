@@ -47,6 +47,7 @@ bench: venv
 	$(PY) bench/store.py
 	$(PY) bench/anonymize.py
 	$(PY) bench/privacy.py
+	$(PY) bench/compression.py
 
 clean:
 	rm -rf runs .cache data/synthetic data/pretrained .pytest_cache

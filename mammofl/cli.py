@@ -93,6 +93,25 @@ def _experiments(args: argparse.Namespace) -> int:
     return 1 if any(row.error for row in rows) else 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from common.config import load_config
+    from server.compression import compress_run, settings_with
+    from server.compression.settings import CompressionSettings
+
+    config = load_config(args.run_dir / "config.json")
+    base = CompressionSettings.model_validate(config.compression.model_dump())
+    changes = {key: value for key, value in {
+        "variants": tuple(args.variants) if args.variants else None, "sparsity": args.sparsity,
+        "channel_sparsity": args.channel_sparsity, "finetune_epochs": args.finetune_epochs,
+        "threads": args.threads}.items() if value is not None}
+    if args.calibration_folder is not None:
+        changes["calibration"] = {**base.calibration.model_dump(), "source": "folder", "folder": args.calibration_folder}
+    report = compress_run(args.run_dir, settings_with(base, **changes))
+    print(report.markdown_table())
+    print(f"report: {args.run_dir / 'compression' / 'report.md'}")
+    return 0
+
+
 def _privacy_report(args: argparse.Namespace) -> int:
     from server.privacy_ledger import PrivacyLedger, write_report
 
@@ -314,6 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.add_argument("configs", nargs="+", type=Path, metavar="CONFIG_OR_DIR")
     experiments.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the comparison is written")
     experiments.set_defaults(handler=_experiments)
+
+    compress = commands.add_parser(
+        "compress",
+        help="quantise and prune a run's best model; measure accuracy, size and latency; export serving artefacts",
+        description="Build the compression variants of RUN_DIR/model/best.pt (fp16/bf16, ONNX int8 dynamic "
+        "and static with server-held calibration images, pruning), measure them on the run's test split "
+        "and write RUN_DIR/compression/ and RUN_DIR/serving/<variant>/.",
+    )
+    compress.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    compress.add_argument("--variants", nargs="+", help="variants to build (fp32 is always the baseline)")
+    compress.add_argument("--sparsity", type=float, help="unstructured sparsity, 0-1 exclusive")
+    compress.add_argument("--channel-sparsity", type=float, help="structured channel sparsity, 0-1 exclusive")
+    compress.add_argument("--finetune-epochs", type=int, help="repair fine-tune epochs on calibration images")
+    compress.add_argument("--calibration-folder", type=Path, help="server-held calibration images (never site data)")
+    compress.add_argument("--threads", type=int, help="CPU threads for latency measurement")
+    compress.set_defaults(handler=_compress)
 
     report = commands.add_parser("privacy-report", help="rebuild a run's privacy report from its ledger")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")

@@ -140,8 +140,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for site in report["sites"]:
-        patient = (f"{site['patient_epsilon']:.3f}, {site['patient_delta']:.2e}"
-                   if site["patient_epsilon"] is not None else "-")
+        patient = _patient_cell(site)
         lines.append(
             f"| {site['site']} | {site['epsilon']:.4f} | {_number(site['delta'])} | {_number(site['budget_epsilon'])} "
             f"| {'yes' if site['within_budget'] else '**NO**'} | {site['accountant'] or '-'} "
@@ -152,6 +151,14 @@ def _markdown(report: dict[str, Any]) -> str:
     verdict = "every site stayed within its budget" if report["all_within_budget"] else "A SITE EXCEEDED ITS BUDGET"
     lines += ["", f"Over {report['rounds']} round(s): {verdict}.", "", "![epsilon per round](epsilon.png)", ""]
     return "\n".join(lines)
+
+
+def _patient_cell(site: dict[str, Any]) -> str:
+    if site["patient_epsilon"] is None:
+        return "-"
+    if site["patient_delta"] >= 1:
+        return f"vacuous (delta {site['patient_delta']:.1e} >= 1: needs a smaller epsilon)"
+    return f"{site['patient_epsilon']:.3f}, {site['patient_delta']:.2e}"
 
 
 def _number(value: Any) -> str:

@@ -11,7 +11,7 @@ from mammofl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = [[], ["data"], ["data", "synth"], ["config"], ["config", "check"], ["pretrain"], ["train"],
-               ["simulate"], ["experiments"], ["privacy-report"], ["keys"], ["keys", "rotate"], ["anonymize"]]
+               ["simulate"], ["experiments"], ["privacy-report"], ["keys"], ["keys", "rotate"], ["anonymize"], ["compress"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda words: " ".join(words) or "mammofl")
