@@ -8,7 +8,7 @@ loop, the loss, the FedProx step -- is shared.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,6 @@ import torch
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader
 
 from clients.privacy import SitePrivacyState
 from common.config import ExperimentConfig
@@ -47,7 +46,7 @@ class LocalResult:
     privacy: PrivacyRound | None
 
 
-def proximal_step(model: nn.Module, learning_rate: float, mu: float) -> callable:
+def proximal_step(model: nn.Module, learning_rate: float, mu: float) -> Callable[[], None]:
     """FedProx as a proximal step after each optimizer step: w <- w - lr * mu * (w - w_global).
 
     Adding mu/2 ||w - w_global||^2 to the loss instead would be silently dropped under

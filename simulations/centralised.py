@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from common.callbacks import EarlyStopping, ModelCheckpoint
 from common.config import ExperimentConfig
