@@ -24,7 +24,7 @@ from anonymize.secret import load_secret
 from clients.local_training import train_site_round
 from clients.privacy import BudgetExhaustedError, SitePrivacyState
 from common.config import ExperimentConfig, load_config
-from common.runs import AppSettings, resolve_app_settings
+from common.runs import AppSettings, config_path_of, resolve_app_settings
 from common.data.pipeline import load_records, make_loader, site_partitions
 from common.data.partition import split_train_val
 from common.data.records import ImageRecord
@@ -48,8 +48,7 @@ class Site:
 
 def load_site(context: Context, settings: AppSettings | None) -> Site:
     """The site this SuperNode is, from its node config and the run's settings."""
-    config_path = settings.config_path if settings else Path(str(context.run_config["config-path"]))
-    config = load_config(config_path)
+    config = load_config(config_path_of(context.run_config, settings))
     run_dir = resolve_app_settings(context.run_config, context.run_id, settings, config.tracking.runs_dir).run_dir
     node = context.node_config
     records = load_records(config.data)
@@ -159,8 +158,7 @@ def make_client_app(settings: AppSettings | None = None) -> ClientApp:
         Flower's clipping mods pair with the server's DP wrappers, which send the clipping
         norm; in every other mode the message passes untouched, so one app serves all runs.
         """
-        config_path = settings.config_path if settings else Path(str(context.run_config["config-path"]))
-        mode = load_config(config_path).federation.client_dp.mode
+        mode = load_config(config_path_of(context.run_config, settings)).federation.client_dp.mode
         clipping_mod = {"client-fixed": fixedclipping_mod, "client-adaptive": adaptiveclipping_mod}.get(mode)
         if clipping_mod is None:
             return call_next(message, context)

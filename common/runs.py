@@ -84,6 +84,11 @@ class AppSettings:
     run_dir: Path
 
 
+def config_path_of(run_config: dict, explicit: AppSettings | None) -> Path:
+    """The experiment config a Flower app runs with: the explicit one, else ``config-path``."""
+    return explicit.config_path if explicit is not None else Path(str(run_config["config-path"]))
+
+
 def resolve_app_settings(run_config: dict, run_id: int, explicit: AppSettings | None, runs_dir: Path) -> AppSettings:
     """Explicit settings (``mammofl simulate``), else Flower's run config (``flwr run``).
 

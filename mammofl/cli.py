@@ -72,10 +72,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from common.config import load_config
+    from common.errors import ConfigError
     from simulations.federated import simulate
 
     if (args.config is None) == (args.resume is None):
-        raise _usage_error("simulate needs a CONFIG, or --resume RUN_DIR (which carries its own config)")
+        raise ConfigError("simulate needs a CONFIG, or --resume RUN_DIR (which carries its own config)")
     config = load_config(args.resume / "config.json" if args.resume else args.config)
     result = simulate(config, resume=args.resume)
     print(f"run directory: {result.run.root}")
@@ -120,12 +121,6 @@ def _privacy_report(args: argparse.Namespace) -> int:
         print(f"{site['site']}: epsilon {site['epsilon']:.4f} (budget {site['budget_epsilon']}, delta {site['delta']})")
     print(f"wrote {args.run_dir / 'privacy' / 'report.md'}")
     return 0
-
-
-def _usage_error(message: str):
-    from common.errors import ConfigError
-
-    return ConfigError(message)
 
 
 def _anonymize(args: argparse.Namespace) -> int:

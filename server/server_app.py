@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from common.data.records import CLASS_NAMES
 from common.losses import build_loss
 from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config
-from common.runs import AppSettings, RunDirectory, resolve_app_settings
+from common.runs import AppSettings, RunDirectory, config_path_of, resolve_app_settings
 from common.training import evaluate, seed_everything, select_device
 from server.privacy_ledger import PrivacyLedger, write_report
 from server.strategy import build_strategy
@@ -37,7 +36,7 @@ RoundObserver = Callable[[int, dict[str, Any], list[dict[str, Any]]], None]
 
 
 def settings_for(context: Context, explicit: AppSettings | None) -> AppSettings:
-    config_path = explicit.config_path if explicit else Path(str(context.run_config["config-path"]))
+    config_path = config_path_of(context.run_config, explicit)
     runs_dir = load_config(config_path).tracking.runs_dir
     return resolve_app_settings(context.run_config, context.run_id, explicit, runs_dir)
 
