@@ -11,25 +11,34 @@ run directory) -- or from `SiteSettings` handed to `make_client_app` by ``mammof
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import Mod
 
 from anonymize.gate import require_deidentified_file
 from anonymize.secret import load_secret
 from clients.local_training import train_site_round
 from clients.privacy import BudgetExhaustedError, SitePrivacyState
 from common.config import ExperimentConfig, load_config
-from common.runs import AppSettings, config_path_of, resolve_app_settings
-from common.data.pipeline import load_records, make_loader, site_partitions
+from common.data.cbis import load_cbis_ddsm
 from common.data.partition import split_train_val
+from common.data.pipeline import load_records, make_loader, site_partitions
 from common.data.records import ImageRecord
 from common.losses import build_loss
 from common.models.classifier import build_classifier
+from common.runs import AppSettings, config_path_of, resolve_app_settings
 from common.training import evaluate, seed_everything, select_device
 
 STATUS_TRAINED, STATUS_REFUSED = "trained", "refused"
@@ -51,12 +60,14 @@ def load_site(context: Context, settings: AppSettings | None) -> Site:
     config = load_config(config_path_of(context.run_config, settings))
     run_dir = resolve_app_settings(context.run_config, context.run_id, settings, config.tracking.runs_dir).run_dir
     node = context.node_config
-    records = load_records(config.data)
-    if "site-id" in node:
+    if "data-dir" in node:  # a deployed SuperNode reads its own folder and nothing else
         site_id = str(node["site-id"])
-        site_records = [record for record in records if record.split == "train"]
+        site_records = [replace(record, site_id=site_id)
+                        for record in load_cbis_ddsm(Path(str(node["data-dir"])), config.data.layout,
+                                                      skip_missing=config.data.skip_missing)
+                        if record.split == "train"]
     else:
-        partitions = site_partitions(records, config)
+        partitions = site_partitions(load_records(config.data), config)
         site_id = sorted(partitions)[int(node["partition-id"])]
         site_records = partitions[site_id]
     if config.data.require_deidentified:
@@ -80,12 +91,15 @@ def _model_from(message: Message, config: ExperimentConfig) -> torch.nn.Module:
     return model
 
 
-def train(message: Message, context: Context, settings: AppSettings | None = None) -> Message:
-    site = load_site(context, settings)
+def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
+                  proximal_mu: float = 0.0) -> tuple[dict[str, float], dict[str, str]]:
+    """Train `model` in place for one round: the metrics and the privacy row the site reports.
+
+    A site whose budget cannot afford the round refuses it: `model` stays the global model
+    (a zero update) and the row says why; the server leaves refusals out of the aggregate.
+    """
     config = site.config
-    server_round = int(message.content["config"]["server-round"])
     generator = seed_everything(config.seed * 1000 + server_round)
-    model = _model_from(message, config)
     privacy_state = (
         SitePrivacyState.load_or_create(site.state_dir, site.site_id, config.privacy) if config.privacy.enabled else None
     )
@@ -98,20 +112,12 @@ def train(message: Message, context: Context, settings: AppSettings | None = Non
             device=select_device(config.device),
             privacy_state=privacy_state,
             state_dir=site.state_dir,
-            proximal_mu=float(message.content["config"].get("proximal-mu", 0.0)),
+            proximal_mu=proximal_mu,
             generator=generator,
         )
     except BudgetExhaustedError as refusal:
-        # Echo the global model (a zero update) so that clipping mods see a well-formed reply;
-        # the server drops refusals before aggregating.
-        return Message(
-            RecordDict({
-                "arrays": message.content["arrays"],
-                "metrics": MetricRecord({"num-examples": 0, "epsilon": privacy_state.spent_epsilon}),
-                "privacy": ConfigRecord({"site-id": site.site_id, "status": STATUS_REFUSED, "reason": str(refusal)}),
-            }),
-            reply_to=message,
-        )
+        return ({"num-examples": 0, "epsilon": privacy_state.spent_epsilon},
+                {"site-id": site.site_id, "status": STATUS_REFUSED, "reason": str(refusal)})
     metrics = {"num-examples": result.num_examples, "train_loss": result.train_loss}
     privacy = {"site-id": site.site_id, "status": STATUS_TRAINED}
     if result.privacy is not None:
@@ -125,6 +131,16 @@ def train(message: Message, context: Context, settings: AppSettings | None = Non
             "budget_epsilon": result.privacy.budget_epsilon,
         }
         privacy["accountant"] = result.privacy.accountant
+    return metrics, privacy
+
+
+def train(message: Message, context: Context, settings: AppSettings | None = None) -> Message:
+    site = load_site(context, settings)
+    model = _model_from(message, site.config)
+    round_config = message.content["config"]
+    metrics, privacy = train_locally(site, model, int(round_config["server-round"]),
+                                     proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    # A refusal echoes the global model, so that clipping mods still see a well-formed reply.
     return Message(
         RecordDict({
             "arrays": ArrayRecord(model.state_dict()),
@@ -135,36 +151,58 @@ def train(message: Message, context: Context, settings: AppSettings | None = Non
     )
 
 
-def evaluate_site(message: Message, context: Context, settings: AppSettings | None = None) -> Message:
-    site = load_site(context, settings)
+def validate(site: Site, model: torch.nn.Module) -> dict[str, float]:
+    """The model's metrics on the site's validation split, keys prefixed ``val_``."""
     config = site.config
-    model = _model_from(message, config)
     device = select_device(config.device)
     loss_fn = build_loss(config.loss, [1, 1, 1])
     metrics = evaluate(model.to(device), make_loader(site.val, config, train=False), loss_fn, device=device)
-    content = {f"val_{key}": value for key, value in metrics.items()}
+    return {f"val_{key}": value for key, value in metrics.items()}
+
+
+def evaluate_site(message: Message, context: Context, settings: AppSettings | None = None) -> Message:
+    site = load_site(context, settings)
+    content = validate(site, _model_from(message, site.config))
     return Message(
         RecordDict({"metrics": MetricRecord({**content, "num-examples": len(site.val)})}),
         reply_to=message,
     )
 
 
-def make_client_app(settings: AppSettings | None = None) -> ClientApp:
-    """The site's ClientApp; `settings` are given by ``mammofl simulate``, else read from the run config."""
+def client_dp_mod_for(settings: AppSettings | None, clipping_mods: dict[str, Mod]) -> Mod:
+    """Client-side clipping of client-level DP, as ``federation.client_dp.mode`` asks.
+
+    Flower's clipping mods pair with the server's DP wrappers, which send the clipping
+    norm; in every other mode the message passes untouched, so one app serves all runs.
+    `clipping_mods` maps "client-fixed" and "client-adaptive" to the mods of the app's API
+    (the Message API here, the legacy one under SecAgg+).
+    """
 
     def client_dp_mod(message: Message, context: Context, call_next) -> Message:
-        """Client-side clipping of client-level DP, as ``federation.client_dp.mode`` asks.
-
-        Flower's clipping mods pair with the server's DP wrappers, which send the clipping
-        norm; in every other mode the message passes untouched, so one app serves all runs.
-        """
         mode = load_config(config_path_of(context.run_config, settings)).federation.client_dp.mode
-        clipping_mod = {"client-fixed": fixedclipping_mod, "client-adaptive": adaptiveclipping_mod}.get(mode)
+        clipping_mod = clipping_mods.get(mode)
         if clipping_mod is None:
             return call_next(message, context)
         return clipping_mod(message, context, call_next)
 
-    app = ClientApp(mods=[client_dp_mod])
+    return client_dp_mod
+
+
+def make_client_app(settings: AppSettings | None = None) -> ClientApp:
+    """The site's ClientApp; `settings` are given by ``mammofl simulate``, else read from the run config."""
+
+    def secure_aggregation_mod(message: Message, context: Context, call_next) -> Message:
+        """Runs with ``federation.secure_aggregation`` speak SecAgg+: their messages go to that app."""
+        if not load_config(config_path_of(context.run_config, settings)).federation.secure_aggregation:
+            return call_next(message, context)
+        # Imported here: the SecAgg+ client builds on this module's train_locally and validate.
+        from clients.secure_aggregation import make_secure_client_app
+
+        return make_secure_client_app(settings)(message, context)
+
+    client_dp_mod = client_dp_mod_for(settings, {"client-fixed": fixedclipping_mod,
+                                                 "client-adaptive": adaptiveclipping_mod})
+    app = ClientApp(mods=[secure_aggregation_mod, client_dp_mod])
     app.train()(lambda message, context: train(message, context, settings))
     app.evaluate()(lambda message, context: evaluate_site(message, context, settings))
     return app

@@ -22,6 +22,7 @@ from common.config import ExperimentConfig
 from common.data.pipeline import class_counts, make_loader
 from common.data.records import ImageRecord
 from common.losses import build_loss
+from common.models.configured import freeze_schedule_from_config
 from common.training import build_optimizer, train_one_epoch
 
 
@@ -63,6 +64,23 @@ def proximal_step(model: nn.Module, learning_rate: float, mu: float) -> Callable
     return step
 
 
+def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim.Optimizer, loader, loss_fn: nn.Module,
+                 *, noise_multiplier: float, config: ExperimentConfig):
+    """Opacus' private model, optimizer, loss and Poisson-sampled loader for this round.
+
+    ``privacy.clipping`` "ghost" selects Opacus' ghost clipping: per-sample gradient norms
+    come from a first backward pass without materialising per-sample gradients (the wrapped
+    loss runs the second, clipped pass), which saves memory on wide layers. The guarantee is
+    the same as flat clipping: each example's whole gradient is clipped to ``max_grad_norm``.
+    """
+    common = {"module": model, "optimizer": optimizer, "data_loader": loader, "noise_multiplier": noise_multiplier,
+              "max_grad_norm": config.privacy.max_grad_norm, "poisson_sampling": True}
+    if config.privacy.clipping == "ghost":
+        return engine.make_private(**common, criterion=loss_fn, grad_sample_mode="ghost")
+    private_model, private_optimizer, private_loader = engine.make_private(**common)
+    return private_model, private_optimizer, loss_fn, private_loader
+
+
 def train_site_round(
     model: nn.Module,
     records: list[ImageRecord],
@@ -81,13 +99,16 @@ def train_site_round(
     (raising BudgetExhaustedError if not), then trains and persists its accountant.
     """
     model.to(device)
+    epochs = config.federation.local_epochs
+    # The transfer schedule counts the site's local epochs across rounds; a frozen parameter
+    # gets no gradient, so DP-SGD neither clips nor noises it (fewer dimensions, less noise).
+    freeze_schedule_from_config(config).apply(model, (server_round - 1) * epochs)
     loader = make_loader(records, config, train=True, generator=generator)
     optimizer = build_optimizer(
         config.optimizer, model.parameters(), learning_rate=config.learning_rate, weight_decay=config.weight_decay
     )
     loss_fn = build_loss(config.loss, class_counts(records)).to(device)
     after_step = proximal_step(model, config.learning_rate, proximal_mu) if proximal_mu > 0 else None
-    epochs = config.federation.local_epochs
 
     if not config.privacy.enabled:
         losses = [train_one_epoch(model, loader, optimizer, loss_fn, device=device, after_step=after_step)
@@ -104,14 +125,8 @@ def train_site_round(
 
     engine = PrivacyEngine(accountant=privacy_state.accountant)
     engine.accountant.history = list(privacy_state.history)
-    private_model, private_optimizer, private_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise,
-        max_grad_norm=config.privacy.max_grad_norm,
-        poisson_sampling=True,
-    )
+    private_model, private_optimizer, loss_fn, private_loader = make_private(
+        engine, model, optimizer, loader, loss_fn, noise_multiplier=noise, config=config)
     losses = []
     for _ in range(epochs):
         with BatchMemoryManager(

@@ -140,14 +140,6 @@ class ModelConfig(Section):
     freeze: FreezeConfig = FreezeConfig()
 
 
-class PretrainingConfig(Section):
-    """Self-supervised autoencoder pretraining (``mammofl pretrain``) on the unlabeled pool."""
-
-    epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0.0)
-
-
 class SyntheticDataConfig(Section):
     sites: int = Field(default=3, ge=1, le=64)
     per_site: int = Field(default=200, ge=4)
@@ -156,6 +148,27 @@ class SyntheticDataConfig(Section):
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     burned_in_text: float = Field(default=0.3, ge=0.0, le=1.0)
     lesion_contrast: float = Field(default=1.0, ge=0.25, le=4.0)
+
+
+# A public stand-in: synthetic mammograms under a seed no site uses, without burned-in text.
+PUBLIC_SYNTHETIC = SyntheticDataConfig(sites=1, per_site=200, size=192, seed=7919, burned_in_text=0.0)
+
+
+class PretrainingConfig(Section):
+    """Self-supervised autoencoder pretraining (``mammofl pretrain``), labels ignored.
+
+    ``source`` "training-data" pools the configured data's training split (the centralised
+    baseline pools it anyway); "public" uses images that are no site's data: the synthetic
+    set ``public`` generated into ``public_root``, our stand-in for a public collection.
+    A federated config must pretrain on "public": pooling the sites' images would move them.
+    """
+
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    source: Literal["training-data", "public"] = "training-data"
+    public_root: Path = Path("data/public")
+    public: SyntheticDataConfig = PUBLIC_SYNTHETIC
 
 
 class PartitionConfig(Section):
@@ -183,6 +196,9 @@ class DataConfig(Section):
     # shared secret when given, which makes the markers unforgeable).
     require_deidentified: bool = False
     deidentification_secret: Path | None = None
+    # Leave out index rows whose image file is absent (an image the anonymizer quarantined);
+    # off, a missing file is an error naming the CSV row.
+    skip_missing: bool = False
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     partition: PartitionConfig = PartitionConfig()
 
@@ -198,6 +214,8 @@ class ClientDPConfig(Section):
     mode: Literal["off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "off"
     noise_multiplier: float = Field(default=0.5, ge=0.0)
     clipping_norm: float = Field(default=10.0, gt=0.0)
+    # Adaptive modes: noise on the count of clipped updates (None: Flower's sampled sites / 20).
+    clipped_count_stddev: float | None = Field(default=None, gt=0.0)
 
 
 class FederationConfig(Section):
@@ -212,6 +230,20 @@ class FederationConfig(Section):
     server_learning_rate: float = Field(default=0.01, gt=0.0)
     client_dp: ClientDPConfig = ClientDPConfig()
     secure_aggregation: bool = False
+
+    @model_validator(mode="after")
+    def _secure_aggregation_hides_the_updates(self) -> FederationConfig:
+        """SecAgg+ shows the server only the sum of the updates: what needs one update cannot run with it."""
+        if not self.secure_aggregation:
+            return self
+        if self.client_dp.mode.startswith("server-"):
+            raise ValueError(
+                f"federation.client_dp.mode {self.client_dp.mode!r} clips each site's update at the server, which "
+                "federation.secure_aggregation hides from it; use 'client-fixed', 'client-adaptive' or 'off'"
+            )
+        if self.strategy == "fedadam":
+            raise ValueError("federation.secure_aggregation aggregates with FedAvg: use strategy 'fedavg' or 'fedprox'")
+        return self
 
 
 class PrivacyConfig(Section):
@@ -253,10 +285,85 @@ class PrivacyConfig(Section):
         return budget
 
 
+# Every variant compress_run can build; `server.compression.variants.RECIPES` says how.
+VARIANT_NAMES: tuple[str, ...] = (
+    "fp32",
+    "fp16",
+    "bf16",
+    "onnx_fp32",
+    "int8_dynamic",
+    "int8_static",
+    "int8_qat",
+    "pruned_unstructured",
+    "pruned_structured",
+    "pruned_structured_onnx",
+    "pruned_structured_int8",
+)
+BASELINE_VARIANT = "fp32"
+DEFAULT_VARIANTS: tuple[str, ...] = tuple(name for name in VARIANT_NAMES if name != "int8_qat")
+
+
+class CalibrationConfig(Section):
+    """Server-held images for int8 calibration and the short fine-tunes: never site data.
+
+    "synthetic" renders `images` mammograms with our generator under `seed`, which must
+    differ from the seed of the sites' synthetic data; "folder" reads a public CBIS-DDSM
+    tree at `folder` (it must lie outside the run's ``data.root``).
+    """
+
+    source: Literal["synthetic", "folder"] = "synthetic"
+    folder: Path | None = None
+    images: int = Field(default=64, ge=4, le=4096)
+    seed: int = Field(default=104729, ge=0)
+
+    @model_validator(mode="after")
+    def _folder_matches_source(self) -> "CalibrationConfig":
+        if self.source == "folder" and self.folder is None:
+            raise ValueError("calibration source 'folder' needs calibration.folder (a CBIS-DDSM tree of public images)")
+        if self.source == "synthetic" and self.folder is not None:
+            raise ValueError("calibration.folder is only read with source 'folder'; remove it or set source to 'folder'")
+        return self
+
+
 class CompressionConfig(Section):
+    """What the aggregator's compression step (`server.compression.compress_run`) builds and measures.
+
+    `sparsity` is the share of convolution and linear weights that global unstructured
+    pruning zeroes; `channel_sparsity` the share of channels structured pruning removes
+    from every prunable layer. `finetune_epochs` of distillation from the fp32 model on the
+    calibration images repair both pruned models and drive quantisation-aware fine-tuning
+    (0 skips the repair; int8_qat needs at least one). Latency is timed over
+    `latency_runs` single-image calls, throughput over `throughput_runs` batches of
+    `throughput_batch`, every backend limited to `threads` CPU threads.
+    """
+
     enabled: bool = False
-    variants: tuple[str, ...] = ("fp32", "fp16", "int8_dynamic")
-    sparsity: float = Field(default=0.5, ge=0.0, lt=1.0)
+    variants: tuple[Literal[VARIANT_NAMES], ...] = DEFAULT_VARIANTS  # type: ignore[valid-type]
+    sparsity: float = Field(default=0.5, gt=0.0, lt=1.0)
+    channel_sparsity: float = Field(default=0.5, gt=0.0, lt=1.0)
+    finetune_epochs: int = Field(default=3, ge=0, le=100)
+    finetune_learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    calibration: CalibrationConfig = CalibrationConfig()
+    latency_runs: int = Field(default=50, ge=3)
+    throughput_batch: int = Field(default=16, ge=1)
+    throughput_runs: int = Field(default=10, ge=1)
+    threads: int = Field(default=1, ge=1, le=256)
+
+    @field_validator("variants")
+    @classmethod
+    def _baseline_once_each(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if BASELINE_VARIANT not in value:
+            raise ValueError(f"variants must include {BASELINE_VARIANT!r}, the baseline every change is measured against")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each variant at most once; repeated: {', '.join(repeated)}")
+        return value
+
+    @model_validator(mode="after")
+    def _qat_needs_epochs(self) -> "CompressionConfig":
+        if "int8_qat" in self.variants and self.finetune_epochs == 0:
+            raise ValueError("variant 'int8_qat' needs finetune_epochs >= 1 (quantisation-aware fine-tuning)")
+        return self
 
 
 class TrackingConfig(Section):

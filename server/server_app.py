@@ -6,12 +6,14 @@ refused (budget) and failed sites, lets the strategy aggregate the trained ones,
 evaluates centrally on the held-out test split and federatedly on the sites' validation
 splits. Owning the loop is what lets a run record refusals and failures, checkpoint the
 best global model with ModelCheckpoint semantics, stop on exhausted budgets and resume.
+With ``federation.secure_aggregation`` the same loop runs with SecAgg+ rounds
+(``server.secure_aggregation.SecureFederation``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config
 from common.runs import AppSettings, RunDirectory, config_path_of, resolve_app_settings
 from common.training import evaluate, seed_everything, select_device
+from server.compression import check_compression, compress_run
 from server.privacy_ledger import PrivacyLedger, write_report
 from server.strategy import build_strategy
 
@@ -61,20 +64,24 @@ def sort_replies(server_round: int, replies: list[Message], site_of_node: dict[i
             outcome.ledger_rows.append({"site": site_of_node.get(node_id, f"node-{node_id}"), "round": server_round,
                                         "status": "failed", "reason": reply.error.reason[:200]})
             continue
-        privacy, metrics = reply.content["privacy"], reply.content["metrics"]
-        site = str(privacy["site-id"])
-        site_of_node[node_id] = site
-        row = {"site": site, "round": server_round, "status": str(privacy["status"])}
-        row |= {key: metrics[key] for key in ("steps", "sample_rate", "noise_multiplier", "max_grad_norm",
-                                              "epsilon", "delta", "budget_epsilon") if key in metrics}
-        if "accountant" in privacy:
-            row["accountant"] = str(privacy["accountant"])
-        if row["status"] == "refused":
-            row["reason"] = str(privacy["reason"])
-        else:
+        row = ledger_row(server_round, reply.content["metrics"], reply.content["privacy"])
+        site_of_node[node_id] = row["site"]
+        if row["status"] != "refused":
             outcome.trained.append(reply)
         outcome.ledger_rows.append(row)
     return outcome
+
+
+def ledger_row(server_round: int, metrics: Mapping[str, Any], privacy: Mapping[str, Any]) -> dict[str, Any]:
+    """The privacy ledger's row for one site's reply: its privacy record and accounting metrics."""
+    row = {"site": str(privacy["site-id"]), "round": server_round, "status": str(privacy["status"])}
+    row |= {key: metrics[key] for key in ("steps", "sample_rate", "noise_multiplier", "max_grad_norm",
+                                          "epsilon", "delta", "budget_epsilon") if key in metrics}
+    if "accountant" in privacy:
+        row["accountant"] = str(privacy["accountant"])
+    if row["status"] == "refused":
+        row["reason"] = str(privacy["reason"])
+    return row
 
 
 class Federation:
@@ -92,29 +99,28 @@ class Federation:
         self.loss_fn = build_loss(config.loss, [1] * len(CLASS_NAMES))
 
     def run_rounds(self) -> dict[str, Any]:
+        """Train, aggregate and evaluate round after round; the aggregator's last step compresses."""
         config = self.config
+        if config.compression.enabled:
+            check_compression(config, config.compression)  # a bad request fails before any round is spent
         model, start_round = self._initial_model()
         arrays = ArrayRecord(model.state_dict())
-        num_sites = max(len(list(self.grid.get_node_ids())), config.federation.min_available_sites)
-        strategy = build_strategy(config.federation, num_sites=num_sites)
+        self.connect()
         last_metrics: dict[str, Any] = {}
         for server_round in range(start_round, config.federation.rounds + 1):
             started = time.perf_counter()
-            round_config = ConfigRecord({"server-round": server_round})
-            replies = list(self.grid.send_and_receive(strategy.configure_train(server_round, arrays, round_config, self.grid)))
-            outcome = sort_replies(server_round, replies, self.site_of_node)
+            aggregated, train_loss, outcome = self.train_round(server_round, arrays)
             for row in outcome.ledger_rows:
                 self.ledger.append(row)
-            if not outcome.trained:
+            if not outcome.counts["sites_trained"]:
                 self.log(f"round {server_round}: no site trained ({outcome.counts}); the run ends")
                 break
-            aggregated, train_metrics = strategy.aggregate_train(server_round, outcome.trained)
             if aggregated is not None:
                 arrays = aggregated
             model.load_state_dict(arrays.to_torch_state_dict())
-            metrics = {"train_loss": _metric(train_metrics, "train_loss"), **outcome.counts}
+            metrics = {"train_loss": train_loss, **outcome.counts}
             metrics |= {f"test_{k}": v for k, v in evaluate(model, self.test_loader, self.loss_fn, device=self.device).items()}
-            metrics |= self._federated_evaluation(strategy, server_round, arrays)
+            metrics |= self._federated_evaluation(server_round, arrays)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             self._finish_round(server_round, model, metrics, outcome)
             last_metrics = metrics
@@ -123,7 +129,24 @@ class Federation:
                 break
         if config.privacy.enabled and self.ledger.path.exists():
             write_report(self.ledger)
+        if config.compression.enabled and last_metrics:
+            compress_run(self.run.root, config.compression, log=self.log)
         return last_metrics
+
+    def connect(self) -> None:
+        """Before the first round: the strategy over the sites the grid has."""
+        num_sites = max(len(list(self.grid.get_node_ids())), self.config.federation.min_available_sites)
+        self.strategy = build_strategy(self.config.federation, num_sites=num_sites)
+
+    def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord | None, float, RoundReplies]:
+        """The sites train on `arrays`: the aggregate (None if there is none), its training loss and the replies."""
+        round_config = ConfigRecord({"server-round": server_round})
+        messages = self.strategy.configure_train(server_round, arrays, round_config, self.grid)
+        outcome = sort_replies(server_round, list(self.grid.send_and_receive(messages)), self.site_of_node)
+        if not outcome.trained:
+            return None, float("nan"), outcome
+        aggregated, train_metrics = self.strategy.aggregate_train(server_round, outcome.trained)
+        return aggregated, _metric(train_metrics, "train_loss"), outcome
 
     def _initial_model(self) -> tuple[torch.nn.Module, int]:
         """The global model to start from: the last round's on resume, else the configured one."""
@@ -137,12 +160,13 @@ class Federation:
             return model.to(self.device), int(extra["round"]) + 1
         return classifier_from_config(self.config).to(self.device), 1
 
-    def _federated_evaluation(self, strategy, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+    def _federated_evaluation(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         if not self.config.federation.fraction_evaluate:
             return {}
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"server-round": server_round}), self.grid)
+        messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord({"server-round": server_round}),
+                                                    self.grid)
         replies = [reply for reply in self.grid.send_and_receive(messages) if not reply.has_error()]
-        aggregated = strategy.aggregate_evaluate(server_round, replies) if replies else None
+        aggregated = self.strategy.aggregate_evaluate(server_round, replies) if replies else None
         return {key: float(value) for key, value in (aggregated or {}).items() if key.startswith("val_")}
 
     def _finish_round(self, server_round: int, model, metrics: dict[str, Any], outcome: RoundReplies) -> None:
@@ -173,7 +197,13 @@ def make_server_app(settings: AppSettings | None = None, *, observer: RoundObser
         run.model_dir.mkdir(parents=True, exist_ok=True)
         if not (run.root / "config.json").exists():
             run.write_config(config)
-        Federation(grid, config, run, observer=observer).run_rounds()
+        if config.federation.secure_aggregation:
+            # Imported here: the SecAgg+ federation builds on this module's Federation.
+            from server.secure_aggregation import SecureFederation
+
+            SecureFederation(grid, context, config, run, observer=observer).run_rounds()
+        else:
+            Federation(grid, config, run, observer=observer).run_rounds()
 
     return app
 

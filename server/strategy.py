@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import FederationConfig
+from common.errors import ConfigError
 
 CLIENT_DP_WRAPPERS = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
@@ -52,5 +53,15 @@ def build_strategy(federation: FederationConfig, *, num_sites: int) -> Strategy:
     if client_dp.mode.endswith("fixed"):
         return wrapper(strategy, noise_multiplier=client_dp.noise_multiplier,
                        clipping_norm=client_dp.clipping_norm, num_sampled_clients=sampled)
-    return wrapper(strategy, noise_multiplier=client_dp.noise_multiplier,
-                   initial_clipping_norm=client_dp.clipping_norm, num_sampled_clients=sampled)
+    adaptive = {"clipped_count_stddev": client_dp.clipped_count_stddev} if client_dp.clipped_count_stddev else {}
+    try:
+        return wrapper(strategy, noise_multiplier=client_dp.noise_multiplier,
+                       initial_clipping_norm=client_dp.clipping_norm, num_sampled_clients=sampled, **adaptive)
+    except ValueError as exc:
+        # Adaptive clipping spends part of the noise on the count of clipped updates; with
+        # Flower's default count noise (sampled sites / 20) few sites cannot afford much noise.
+        raise ConfigError(
+            f"federation.client_dp: adaptive clipping over {sampled} sampled sites cannot reach noise_multiplier "
+            f"{client_dp.noise_multiplier} with clipped_count_stddev "
+            f"{client_dp.clipped_count_stddev or sampled / 20:g}; set client_dp.clipped_count_stddev to at least "
+            f"{client_dp.noise_multiplier / 2:g} (half the noise multiplier) or lower the noise multiplier") from exc

@@ -12,16 +12,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from common.callbacks import EarlyStopping, ModelCheckpoint
 from common.config import ExperimentConfig
-from common.data.pipeline import Splits, centralised_splits, class_counts, load_records, make_loader
+from common.data.pipeline import (
+    Splits,
+    centralised_splits,
+    class_counts,
+    load_records,
+    make_loader,
+)
 from common.data.records import CLASS_NAMES
 from common.losses import build_loss
 from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config, freeze_schedule_from_config
 from common.runs import RunDirectory
-from simulations.tracking import Tracker
 from common.training import (
     build_optimizer,
     evaluate,
@@ -30,6 +34,8 @@ from common.training import (
     show_progress,
     train_one_epoch,
 )
+from server.compression import check_compression, compress_run
+from simulations.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ def train_centralised(config: ExperimentConfig, *, log=print) -> TrainResult:
     progress = show_progress(config.verbose)
     records = load_records(config.data, progress=progress)
     splits = centralised_splits(records, config)
+    if config.compression.enabled:
+        check_compression(config, config.compression)
     run = RunDirectory.create(config.tracking.runs_dir, config.name)
     run.write_config(config)
     tracker = Tracker(config, run)
@@ -98,6 +106,8 @@ def train_centralised(config: ExperimentConfig, *, log=print) -> TrainResult:
     tracker.log_epoch(epoch + 1, {f"test_{key}": value for key, value in test_metrics.items()})
     tracker.finish(exported)
     run.summary_path.write_text(_summary(config, run, splits, test_metrics, checkpoint.best_step, epoch, exported))
+    if config.compression.enabled:
+        compress_run(run.root, config.compression, log=log)
     return TrainResult(run=run, test_metrics=test_metrics, best_epoch=checkpoint.best_step, epochs_run=epoch)
 
 

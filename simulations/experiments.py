@@ -3,7 +3,8 @@
 Each config runs the way its ``training`` key says (centralised or federated), is tracked
 like any run, and contributes one row to the comparison table printed at the end and
 written to ``<runs_dir>/comparison-<stamp>.md`` (and ``.json``). A config that fails is
-reported in its row; the others still run.
+reported in its row; the others still run. Runs whose config enables ``compression`` add
+their variants to a second table: what each precision and sparsity costs against fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from common.config import ExperimentConfig, load_config
 from common.errors import ConfigError, MammoflError
 from common.runs import RunDirectory, json_safe
+from server.compression import VariantResult, read_report
 
 COLUMNS = ("accuracy", "balanced_accuracy", "macro_auc", "presence_auc", "type_auc")
 
@@ -35,6 +37,7 @@ class ExperimentRow:
     seconds: float
     run_dir: str | None
     error: str | None = None
+    compression: tuple[VariantResult, ...] = ()
 
 
 def expand_config_paths(paths: list[Path]) -> list[Path]:
@@ -80,6 +83,7 @@ def _run_one(path: Path, config: ExperimentConfig) -> ExperimentRow:
         seconds=round(time.perf_counter() - started, 1),
         run_dir=str(run.root) if run else None,
         error=error,
+        compression=_compression_results(run),
     )
 
 
@@ -112,6 +116,25 @@ def _max_epsilon(run: RunDirectory) -> float | None:
     return max((site["epsilon"] for site in json.loads(report.read_text())["sites"]), default=None)
 
 
+def _compression_results(run: RunDirectory | None) -> tuple[VariantResult, ...]:
+    report = read_report(run.root) if run else None
+    return report.variants if report else ()
+
+
+def compression_table(rows: list[ExperimentRow]) -> str | None:
+    """Every compressed variant of every experiment against its own fp32; None when none compressed."""
+    header = ("| experiment | variant | backend | accuracy | Δ accuracy | Δ macro AUC | agrees with fp32 "
+              "| size ÷ | p50 ms | speed-up |")
+    lines = [header, "|---" * 10 + "|"]
+    for row in rows:
+        for result in row.compression:
+            lines.append(f"| {row.name} | {result.variant} | {result.backend} | {_cell(result.metrics.get('accuracy'))} "
+                         f"| {_cell(result.change.get('accuracy'))} | {_cell(result.change.get('macro_auc'))} "
+                         f"| {result.agreement_with_fp32:.3f} | {result.size_ratio:.2f} | {result.latency_ms_p50:.2f} "
+                         f"| {result.speedup:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def comparison_table(rows: list[ExperimentRow]) -> str:
     header = "| experiment | training | DP | augmentation | " + " | ".join(COLUMNS) + " | max site epsilon | seconds |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 6)]
@@ -129,8 +152,13 @@ def write_comparison(rows: list[ExperimentRow], runs_dir: Path) -> Path:
     runs_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     target = runs_dir / f"comparison-{stamp}.md"
-    target.write_text("# Experiment comparison (test split)\n\n" + comparison_table(rows) + "\n")
-    target.with_suffix(".json").write_text(json.dumps(json_safe([row.__dict__ for row in rows]), indent=2) + "\n")
+    text = "# Experiment comparison (test split)\n\n" + comparison_table(rows) + "\n"
+    compressed = compression_table(rows)
+    if compressed:
+        text += "\n## Compression (each variant against its run's fp32)\n\n" + compressed + "\n"
+    target.write_text(text)
+    documents = [{**row.__dict__, "compression": [result.model_dump() for result in row.compression]} for row in rows]
+    target.with_suffix(".json").write_text(json.dumps(json_safe(documents), indent=2) + "\n")
     return target
 
 

@@ -20,6 +20,7 @@ from common.config import ExperimentConfig
 from common.data.pipeline import load_records, site_partitions
 from common.errors import ConfigError
 from common.runs import AppSettings, RunDirectory
+from server.compression import check_compression
 from server.server_app import make_server_app
 from simulations.tracking import Tracker
 
@@ -32,6 +33,8 @@ class FederatedResult:
 
 def simulate(config: ExperimentConfig, *, resume: Path | None = None, log=print) -> FederatedResult:
     """Run (or resume) the federated simulation the config describes."""
+    if config.compression.enabled:
+        check_compression(config, config.compression)
     records = load_records(config.data)  # generates synthetic data before any site starts
     sites = site_partitions(records, config)
     if len(sites) < config.federation.min_available_sites:

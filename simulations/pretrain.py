@@ -1,7 +1,8 @@
 """``mammofl pretrain CONFIG``: the configured encoder learns the look of mammograms unlabeled.
 
-The pool is the training split of the configured data with labels ignored; the held-out
-test split never takes part, so later test numbers stay honest.
+The pool is the training split of the configured data with labels ignored (the held-out
+test split never takes part, so later test numbers stay honest), or, with
+``pretraining.source: "public"``, a synthetic set that belongs to no site.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import ExperimentConfig
+from common.data.cbis import load_site_folders
 from common.data.dataset import MammogramDataset
-from common.data.pipeline import load_records
+from common.data.pipeline import ensure_synthetic, load_records
+from common.data.records import ImageRecord
 from common.errors import ConfigError
 from common.pretraining import PretrainResult, pretrain_autoencoder
 from common.training import seed_everything, select_device, show_progress
@@ -23,7 +26,7 @@ def pretrain_from_config(config: ExperimentConfig, *, out_path: Path | None = No
         raise ConfigError("pretraining needs a place for the encoder: set model.pretrained or pass --out")
     seed_everything(config.seed)
     progress = show_progress(config.verbose)
-    pool = [record for record in load_records(config.data, progress=progress) if record.split == "train"]
+    pool = _pretraining_pool(config, progress=progress)
     dataset = MammogramDataset(
         pool, image_size=config.model.image_size, mode=config.data.mode, cache_dir=config.data.cache_dir
     )
@@ -41,3 +44,18 @@ def pretrain_from_config(config: ExperimentConfig, *, out_path: Path | None = No
         num_workers=config.num_workers,
         progress=progress,
     )
+
+
+def _pretraining_pool(config: ExperimentConfig, *, progress: bool) -> list[ImageRecord]:
+    pretraining = config.pretraining
+    if pretraining.source == "public":
+        if config.data.source == "synthetic" and pretraining.public.seed == config.data.synthetic.seed:
+            raise ConfigError(f"pretraining.public.seed {pretraining.public.seed} equals data.synthetic.seed: the "
+                              "'public' images would be the sites' own; choose another seed")
+        ensure_synthetic(pretraining.public_root, pretraining.public, progress=progress)
+        return [record for site in load_site_folders(pretraining.public_root).values() for record in site]
+    if config.training == "federated":
+        raise ConfigError("pretraining.source 'training-data' would pool the sites' images, which a federated "
+                          "config keeps at the sites; set pretraining.source to 'public'")
+    return [record for record in load_records(config.data, progress=progress) if record.split == "train"]
+

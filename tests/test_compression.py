@@ -23,7 +23,7 @@ from common.metrics import classification_metrics
 from server.compression import (
     VARIANT_NAMES,
     CompressionReport,
-    CompressionSettings,
+    CompressionConfig,
     compress_run,
     load_serving_model,
     read_report,
@@ -78,7 +78,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def compressed(trained_run) -> CompressionReport:
     run_dir, _ = trained_run
-    settings = CompressionSettings(
+    settings = CompressionConfig(
         variants=VARIANT_NAMES,
         sparsity=SPARSITY,
         channel_sparsity=SPARSITY,

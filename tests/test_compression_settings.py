@@ -12,7 +12,7 @@ from common.data.synthetic_dicom import synthesize_dataset
 from common.errors import ConfigError, ModelError
 from common.models.classifier import build_classifier, save_checkpoint
 from common.runs import RunDirectory
-from server.compression import VARIANT_NAMES, CalibrationConfig, CompressionSettings, compress_run, settings_with
+from server.compression import VARIANT_NAMES, CalibrationConfig, CompressionConfig, compress_run, settings_with
 from server.compression.datasets import calibration_images
 from server.compression.variants import RECIPES
 
@@ -33,18 +33,18 @@ def test_every_configurable_variant_has_a_recipe():
 ])
 def test_invalid_settings_name_the_key_and_what_is_valid(changes, key, says):
     with pytest.raises(ConfigError) as raised:
-        settings_with(CompressionSettings(), **changes)
+        settings_with(CompressionConfig(), **changes)
     message = str(raised.value)
     assert f"{key}:" in message and says in message
 
 
 def test_direct_construction_validates_too():
     with pytest.raises(ValidationError, match="sparsity"):
-        CompressionSettings(sparsity=1.5)
+        CompressionConfig(sparsity=1.5)
 
 
 def test_defaults_measure_every_variant_but_quantisation_aware_training():
-    assert set(CompressionSettings().variants) == set(VARIANT_NAMES) - {"int8_qat"}
+    assert set(CompressionConfig().variants) == set(VARIANT_NAMES) - {"int8_qat"}
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_unusable_calibration_data_fails_before_any_work(untrained_run, tmp_path
     (tmp_path / "empty").mkdir()
     if "folder" in calibration:
         calibration["folder"] = calibration["folder"].format(sites=tmp_path / "sites", empty=tmp_path / "empty")
-    settings = CompressionSettings(calibration=calibration)
+    settings = CompressionConfig(calibration=calibration)
     with pytest.raises(ConfigError, match=says):
         compress_run(untrained_run, settings, log=lambda line: None)
     assert sorted(path.name for path in untrained_run.iterdir()) == ["config.json", "model"]
@@ -82,7 +82,7 @@ def test_unusable_calibration_data_fails_before_any_work(untrained_run, tmp_path
 def test_a_run_without_a_trained_model_is_refused(untrained_run):
     (untrained_run / "model" / "best.pt").unlink()
     with pytest.raises(ModelError, match="best.pt"):
-        compress_run(untrained_run, CompressionSettings(), log=lambda line: None)
+        compress_run(untrained_run, CompressionConfig(), log=lambda line: None)
 
 
 def test_a_public_folder_calibrates_with_images_preprocessed_like_the_runs(tmp_path):

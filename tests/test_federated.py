@@ -12,6 +12,7 @@ import pytest
 from clients.privacy import epsilon_of
 from common.config import parse_config
 from common.data.pipeline import load_records
+from common.errors import ConfigError
 from mammofl.cli import main
 from server.privacy_ledger import PrivacyLedger
 from simulations.federated import simulate
@@ -36,9 +37,15 @@ def federated_config(root: Path, **sections):
     return parse_config(raw)
 
 
+# The aggregator's last step: two variants, timed briefly (the test checks the wiring, not speed).
+QUICK_COMPRESSION = {"enabled": True, "variants": ["fp32", "int8_static"], "finetune_epochs": 0,
+                     "latency_runs": 3, "throughput_runs": 1, "throughput_batch": 4, "calibration": {"images": 8}}
+
+
 @pytest.fixture(scope="module")
 def healthy_run(tmp_path_factory):
-    return simulate(federated_config(tmp_path_factory.mktemp("healthy")), log=lambda message: None)
+    config = federated_config(tmp_path_factory.mktemp("healthy"), compression=QUICK_COMPRESSION)
+    return simulate(config, log=lambda message: None)
 
 
 def rounds_of(run):
@@ -76,6 +83,27 @@ def test_every_site_stays_within_its_target_and_the_ledger_matches_an_independen
         assert 0 < site_rows[-1]["epsilon"] <= TARGET_EPSILON
         state = json.loads((healthy_run.run.root / "sites" / site / "privacy_state.json").read_text())
         assert epsilon_of(state["history"], accountant="rdp", delta=state["delta"]) == pytest.approx(site_rows[-1]["epsilon"])
+
+
+def test_the_aggregator_compresses_the_best_global_model_after_the_last_round(healthy_run):
+    from server.compression import load_serving_model, read_report
+
+    report = read_report(healthy_run.run.root)
+    assert report is not None and [result.variant for result in report.variants] == ["fp32", "int8_static"]
+    int8 = report.variant("int8_static")
+    assert int8.size_ratio > 2.0 and 0.0 <= int8.agreement_with_fp32 <= 1.0
+    served = load_serving_model(healthy_run.run.root / "serving" / "int8_static")
+    assert served.metadata.source_run.run_id == healthy_run.run.run_id
+
+
+def test_a_compression_request_that_cannot_work_fails_before_the_first_round(tmp_path):
+    missing = {**QUICK_COMPRESSION, "calibration": {"source": "folder", "folder": str(tmp_path / "no-such-folder")}}
+    config = federated_config(tmp_path, compression=missing)
+
+    with pytest.raises(ConfigError, match="calibration"):
+        simulate(config, log=lambda message: None)
+
+    assert not (tmp_path / "runs").exists()
 
 
 def test_privacy_report_is_written_and_regenerated_from_the_ledger(healthy_run, capsys):

@@ -38,8 +38,9 @@ def load_records(data: DataConfig, *, progress: bool = False) -> list[ImageRecor
     if data.source == "synthetic":
         ensure_synthetic(data.root, data.synthetic, progress=progress)
     if data.source == "cbis-ddsm":
-        return load_cbis_ddsm(data.root, layout=data.layout)
-    return [record for records in load_site_folders(data.root).values() for record in records]
+        return load_cbis_ddsm(data.root, layout=data.layout, skip_missing=data.skip_missing)
+    sites = load_site_folders(data.root, layout=data.layout, skip_missing=data.skip_missing)
+    return [record for records in sites.values() for record in records]
 
 
 def ensure_synthetic(root: Path, synthetic: SyntheticDataConfig, *, progress: bool = False) -> None:

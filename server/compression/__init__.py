@@ -5,16 +5,17 @@ run's held-out test split, publishes it to ``runs/<id>/serving/<variant>/`` and 
 ``runs/<id>/compression/report.{json,md}``; `load_serving_model` is how the API loads one.
 """
 
+from common.config import VARIANT_NAMES, CalibrationConfig, CompressionConfig
 from server.compression.compress import check_compression, compress_run
 from server.compression.report import CompressionReport, VariantResult, read_report
 from server.compression.serving import ServingMetadata, ServingModel, load_serving_model
-from server.compression.settings import VARIANT_NAMES, CalibrationConfig, CompressionSettings, settings_with
+from server.compression.settings import settings_with
 
 __all__ = [
     "VARIANT_NAMES",
     "CalibrationConfig",
+    "CompressionConfig",
     "CompressionReport",
-    "CompressionSettings",
     "ServingMetadata",
     "ServingModel",
     "VariantResult",

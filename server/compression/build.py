@@ -16,13 +16,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.config import CompressionConfig
 from common.models.classifier import MammoClassifier
 from server.compression.finetune import distil
-from server.compression.model_files import ProbabilityModel, export_onnx, write_pytorch_model
+from server.compression.model_files import (
+    ProbabilityModel,
+    export_onnx,
+    write_pytorch_model,
+)
 from server.compression.prune import prune_channels, prune_unstructured
-from server.compression.quantize import quantisation_aware_finetune, quantize_dynamic_int8, quantize_static_int8
+from server.compression.quantize import (
+    quantisation_aware_finetune,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+)
 from server.compression.serving import ONNX_MODEL_FILE, PYTORCH_MODEL_FILE
-from server.compression.settings import CompressionSettings
 from server.compression.variants import Pruning, Recipe
 
 
@@ -41,7 +49,7 @@ class VariantBuilder:
         self,
         model: MammoClassifier,
         calibration: np.ndarray,
-        settings: CompressionSettings,
+        settings: CompressionConfig,
         image_size: int,
         work_dir: Path,
     ) -> None:

@@ -22,14 +22,29 @@ import numpy as np
 import onnxruntime
 import torch
 
-from common.config import ExperimentConfig, load_config
+from common.config import (
+    BASELINE_VARIANT,
+    CompressionConfig,
+    ExperimentConfig,
+    load_config,
+)
 from common.data.records import CLASS_NAMES
 from common.errors import ModelError
 from common.metrics import classification_metrics
 from common.models.classifier import load_checkpoint
 from server.compression.build import BuiltVariant, VariantBuilder
-from server.compression.datasets import calibration_images, check_calibration_source, held_out_test_set
-from server.compression.measure import Speed, measure_speed, parameter_counts, predict_in_batches, torch_threads
+from server.compression.datasets import (
+    calibration_images,
+    check_calibration_source,
+    held_out_test_set,
+)
+from server.compression.measure import (
+    Speed,
+    measure_speed,
+    parameter_counts,
+    predict_in_batches,
+    torch_threads,
+)
 from server.compression.report import (
     REPORT_METRICS,
     CompressionReport,
@@ -45,7 +60,6 @@ from server.compression.serving import (
     sha256_of,
     write_metadata,
 )
-from server.compression.settings import BASELINE_VARIANT, CompressionSettings
 from server.compression.variants import RECIPES
 
 CHECKPOINT = Path("model") / "best.pt"
@@ -64,7 +78,7 @@ class _Measured:
     file_bytes: int
 
 
-def compress_run(run_dir: Path, settings: CompressionSettings, *, log: Callable[[str], None] = print) -> CompressionReport:
+def compress_run(run_dir: Path, settings: CompressionConfig, *, log: Callable[[str], None] = print) -> CompressionReport:
     """Build, measure and publish `settings.variants` of the run in `run_dir`; write its report."""
     run_dir = Path(run_dir)
     config = _checked_run(run_dir)
@@ -91,7 +105,7 @@ def compress_run(run_dir: Path, settings: CompressionSettings, *, log: Callable[
     return report
 
 
-def check_compression(config: ExperimentConfig, settings: CompressionSettings) -> None:
+def check_compression(config: ExperimentConfig, settings: CompressionConfig) -> None:
     """Raise ConfigError now for a request that could only fail later (no usable calibration data).
 
     A federated run calls this before its first round, so a bad request never costs a training.
@@ -109,7 +123,7 @@ def _checked_run(run_dir: Path) -> ExperimentConfig:
 
 
 def _measure(name: str, builder: VariantBuilder, images: np.ndarray, labels: np.ndarray,
-             settings: CompressionSettings, staging: Path) -> _Measured:
+             settings: CompressionConfig, staging: Path) -> _Measured:
     recipe = RECIPES[name]
     built = builder.build(recipe, staging / name)
     predict = open_model_file(built.model_file, recipe.backend, threads=settings.threads)
@@ -172,7 +186,7 @@ def _publish(measured: _Measured, result: VariantResult, config: ExperimentConfi
     shutil.move(staged, target)
 
 
-def _report(run_dir: Path, settings: CompressionSettings, calibration: np.ndarray, test_images: int,
+def _report(run_dir: Path, settings: CompressionConfig, calibration: np.ndarray, test_images: int,
             results: list[VariantResult]) -> CompressionReport:
     origin = settings.calibration
     return CompressionReport(

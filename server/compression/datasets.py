@@ -15,13 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import ExperimentConfig, SyntheticDataConfig
+from common.config import CalibrationConfig, ExperimentConfig, SyntheticDataConfig
 from common.data.cbis import load_cbis_ddsm, load_site_folders
 from common.data.dataset import MammogramDataset
-from common.data.pipeline import centralised_splits, ensure_synthetic, load_records, make_loader
+from common.data.pipeline import (
+    centralised_splits,
+    ensure_synthetic,
+    load_records,
+    make_loader,
+)
 from common.data.records import ImageRecord
 from common.errors import ConfigError, DataError
-from server.compression.settings import CalibrationConfig
 
 # Rows of synthetic calibration mammograms when the run's own data is not synthetic.
 DEFAULT_SYNTHETIC_ROWS = 512

@@ -26,7 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from common.errors import ModelError
-from common.models.classifier import build_classifier, read_weights_file, write_weights_file
+from common.models.classifier import (
+    build_classifier,
+    read_weights_file,
+    write_weights_file,
+)
 
 PYTORCH_FORMAT = "mammofl-served-pytorch"
 PYTORCH_FORMAT_VERSION = 1
