@@ -92,9 +92,11 @@ def config_path_of(run_config: dict, explicit: AppSettings | None) -> Path:
 def resolve_app_settings(run_config: dict, run_id: int, explicit: AppSettings | None, runs_dir: Path) -> AppSettings:
     """Explicit settings (``mammofl simulate``), else Flower's run config (``flwr run``).
 
-    Under ``flwr run`` the run directory is derived from Flower's run id, so that the
-    ServerApp and every ClientApp agree on it without talking to each other.
+    Under ``flwr run`` the run directory is ``run-dir`` when given (``mammofl federation run``
+    names it, so that a resubmitted run resumes there), else derived from Flower's run id, so
+    that the ServerApp and every ClientApp agree on it without talking to each other.
     """
     if explicit is not None:
         return explicit
-    return AppSettings(config_path=Path(str(run_config["config-path"])), run_dir=Path(runs_dir) / f"flwr-{run_id}")
+    run_dir = str(run_config.get("run-dir", "")) or Path(runs_dir) / f"flwr-{run_id}"
+    return AppSettings(config_path=Path(str(run_config["config-path"])), run_dir=Path(run_dir))

@@ -1,0 +1,168 @@
+"""Deployment vs simulation on the same config: per-round wall time and bytes on the wire per site.
+
+The deployment is real: a SuperLink with TLS and SuperNode authentication, and one SuperNode
+process per site on 127.0.0.1. Each site reaches the SuperLink through its own counting TCP
+relay, so the bytes are what crossed the loopback wire (TLS records of gRPC frames, polling
+and heartbeats included). The simulation moves the same messages in memory; its "bytes" are
+the model payloads it hands each site (the global model down, the update up, per round).
+
+    .venv/bin/python bench/federation.py [--rounds 2] [--per-site 24] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class CountingRelay:
+    """A TCP relay from a local port to `target`, counting bytes each way (asyncio, in its own thread)."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.up = self.down = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
+        ready.wait()
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._relay, "127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        ready.set()
+        self.loop.run_forever()
+
+    async def _relay(self, site_reader, site_writer) -> None:
+        link_reader, link_writer = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pipe(site_reader, link_writer, "up"), self._pipe(link_reader, site_writer, "down"))
+
+    async def _pipe(self, reader, writer, direction: str) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                setattr(self, direction, getattr(self, direction) + len(chunk))
+                writer.write(chunk)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def bench_config(root: Path, rounds: int, name: str):
+    from common.config import parse_config
+
+    return parse_config({
+        "name": name, "seed": 3, "device": "cpu", "training": "federated", "epochs": 1, "batch_size": 16,
+        "learning_rate": 0.003, "num_workers": 0, "encoder": "smallcnn", "verbose": 0, "augmentation": False,
+        "validation_split": 0.2, "model": {"image_size": 64},
+        "data": {"source": "sites", "root": str(root / "data"), "cache_dir": str(root / "cache")},
+        "federation": {"rounds": rounds, "local_epochs": 1, "min_train_sites": 3, "min_available_sites": 3,
+                       "fraction_evaluate": 0.0},
+        "privacy": {"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0},
+        "tracking": {"runs_dir": str(root / name / "runs"), "wandb_mode": "disabled"},
+    })
+
+
+def round_seconds(run_root: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row["seconds"] for row in rows if "round" in row]
+
+
+def model_bytes(config) -> int:
+    from common.models.configured import classifier_from_config
+
+    return sum(tensor.numel() * tensor.element_size() for tensor in classifier_from_config(config).state_dict().values())
+
+
+def simulation(root: Path, rounds: int) -> dict:
+    from simulations.federated import simulate
+
+    config = bench_config(root, rounds, "simulation")
+    started = time.perf_counter()
+    result = simulate(config, log=lambda message: None)
+    return {"wall_s": time.perf_counter() - started, "round_s": round_seconds(result.run.root),
+            "bytes_per_site_round": 2 * model_bytes(config)}
+
+
+def deployment(root: Path, rounds: int, sites: list[str]) -> dict:
+    from clients.site import SiteNode, prepare_state_dir, site_environment, supernode_command
+    from common.certs import create_node_keys, create_tls_files
+    from server.deployment import Deployment, enrol_site, free_port, run_federation, spawn, start_superlink, stop
+
+    folder = root / "deployment"
+    tls = create_tls_files(folder / "secrets", ["127.0.0.1"])
+    link = Deployment(folder=folder, fleet_address=f"127.0.0.1:{free_port()}", control_address=f"127.0.0.1:{free_port()}",
+                      serverappio_address=f"127.0.0.1:{free_port()}", ca_certificate=tls.ca_certificate, node_auth=True)
+    processes = [start_superlink(link, tls)]
+    relays = {}
+    try:
+        for site_id in sites:
+            keys = create_node_keys(folder / "secrets" / "sites", site_id)
+            enrol_site(link, keys.public_key)
+            relays[site_id] = CountingRelay(link.fleet_address)
+            node = SiteNode(site_id=site_id, data_dir=root / "data" / site_id, state_dir=folder / "state" / site_id,
+                            superlink=relays[site_id].address, root_certificates=tls.ca_certificate,
+                            auth_private_key=keys.private_key, clientappio_address=f"127.0.0.1:{free_port()}")
+            prepare_state_dir(node)
+            processes.append(spawn(supernode_command(node), folder / "logs" / f"{site_id}.log", env=site_environment(node)))
+        config_path = root / "deployment.json"
+        config_path.write_text(bench_config(root, rounds, "deployment").model_dump_json())
+        before = {site_id: relay.up + relay.down for site_id, relay in relays.items()}
+        started = time.perf_counter()
+        run, _ = run_federation(link, config_path, timeout=3600)
+        wall = time.perf_counter() - started
+        return {"wall_s": wall, "round_s": round_seconds(run.root),
+                "bytes_per_site_round": {site_id: (relay.up + relay.down - before[site_id]) / rounds
+                                         for site_id, relay in relays.items()},
+                "up_down_per_site": {site_id: (relay.up, relay.down) for site_id, relay in relays.items()}}
+    finally:
+        for process in processes:
+            stop(process, kill=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--per-site", type=int, default=24)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+
+    from common.data.synthetic_dicom import synthesize_dataset
+
+    with tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
+        root = Path(tmp)
+        synthesize_dataset(root / "data", sites=args.sites, per_site=args.per_site, size=args.size, seed=3,
+                           burned_in_text=0.0)
+        sites = sorted(path.name for path in (root / "data").iterdir() if path.name.startswith("site-"))
+        simulated = simulation(root, args.rounds)
+        deployed = deployment(root, args.rounds, sites)
+
+    print(f"{args.sites} sites x {args.per_site} images at {args.size} px, smallcnn, DP-SGD, {args.rounds} rounds")
+    print(f"round seconds: simulation {simulated['round_s']}, deployment {deployed['round_s']}")
+    # Round 1 of a simulation also starts the engine and its virtual sites: the later rounds are the steady state.
+    steady = slice(1, None) if args.rounds > 1 else slice(None)
+    sim_round, dep_round = (sum(run["round_s"][steady]) / len(run["round_s"][steady]) for run in (simulated, deployed))
+    print(f"per-round wall time ({'rounds 2+' if args.rounds > 1 else 'round 1'}): simulation {sim_round:.1f} s, "
+          f"deployment {dep_round:.1f} s -> ratio {dep_round / sim_round:.2f}x")
+    print(f"whole run: simulation {simulated['wall_s']:.1f} s, deployment {deployed['wall_s']:.1f} s "
+          f"-> ratio {deployed['wall_s'] / simulated['wall_s']:.2f}x")
+    payload = simulated["bytes_per_site_round"]
+    for site_id, wire in deployed["bytes_per_site_round"].items():
+        up, down = deployed["up_down_per_site"][site_id]
+        print(f"{site_id}: {wire / 1e6:.3f} MB on the wire per round (up {up / 1e6:.3f}, down {down / 1e6:.3f} MB "
+              f"over the run) vs {payload / 1e6:.3f} MB model payload in simulation -> ratio {wire / payload:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

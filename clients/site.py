@@ -1,0 +1,89 @@
+"""A hospital's site process: a Flower SuperNode carrying our ClientApp.
+
+``mammofl site run`` starts ``flower-supernode`` against the aggregator's SuperLink. The
+node config tells our ClientApp who the site is and where its two folders are:
+
+- ``data-dir``: the site's CBIS-DDSM tree (de-identified by ``mammofl anonymize``; the gate
+  checks it when the config asks). The images are read in this machine and never sent.
+- ``state-dir``: the site's own state, ``privacy_state.json`` above all: the accountant
+  history of every round the site ever trained and its budget. It outlives the process, so
+  a restarted site keeps its spent epsilon and still refuses rounds beyond its budget.
+
+TLS (``--root-certificates``, the federation's CA) is on unless ``--insecure`` is given;
+``--auth-key`` is the site's private key whose public half the aggregator enrolled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.data.cbis import load_cbis_ddsm
+from common.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class SiteNode:
+    """Everything one SuperNode process needs; `state_dir` is private to the site."""
+
+    site_id: str
+    data_dir: Path
+    state_dir: Path
+    superlink: str
+    root_certificates: Path | None
+    auth_private_key: Path | None
+    clientappio_address: str = "127.0.0.1:9094"
+
+    def node_config(self) -> str:
+        """Flower's ``--node-config`` string: what ``load_site`` reads in the ClientApp."""
+        return (f'site-id="{self.site_id}" data-dir="{self.data_dir.resolve()}" '
+                f'state-dir="{self.state_dir.resolve()}"')
+
+
+def supernode_command(node: SiteNode) -> list[str]:
+    """The ``flower-supernode`` command line for `node`."""
+    command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", node.superlink,
+               "--clientappio-api-address", node.clientappio_address, "--node-config", node.node_config()]
+    command += ["--insecure"] if node.root_certificates is None else ["--root-certificates", str(node.root_certificates)]
+    if node.auth_private_key is not None:
+        command += ["--auth-supernode-private-key", str(node.auth_private_key)]
+    return command
+
+
+def check_site(node: SiteNode) -> int:
+    """Refuse to start a site that could not train: returns its number of training images."""
+    for path in (node.root_certificates, node.auth_private_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"site {node.site_id}: {path} does not exist")
+    if '"' in node.site_id or not node.site_id.strip():
+        raise ConfigError(f"--site-id {node.site_id!r}: give a non-empty name without quotes")
+    training = [record for record in load_cbis_ddsm(node.data_dir) if record.split == "train"]
+    if not training:
+        raise DataError(f"site {node.site_id}: {node.data_dir} holds no training images")
+    return len(training)
+
+
+def prepare_state_dir(node: SiteNode) -> Path:
+    """The site's state folder, readable by the site only."""
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(node.state_dir, 0o700)
+    return node.state_dir
+
+
+def site_environment(node: SiteNode) -> dict[str, str]:
+    """The SuperNode's environment: this one's binaries first (Flower starts its SuperExec and
+    ClientApp processes by name) and a Flower home inside the site's state folder."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(node.state_dir.resolve() / "flwr")
+    return env
+
+
+def run_site(node: SiteNode) -> int:
+    """Run the SuperNode in the foreground until it stops; returns its exit status."""
+    check_site(node)
+    prepare_state_dir(node)
+    return subprocess.run(supernode_command(node), env=site_environment(node), check=False).returncode

@@ -1,0 +1,245 @@
+"""A real deployed federation on 127.0.0.1: one SuperLink and three site processes, each its own OS process.
+
+Everything goes through TLS with certificates from `common.certs`, and only enrolled sites may
+join. The sites are started as ``mammofl site run`` processes with their own data and state
+folders, exactly as a hospital would start one. The tests run in order on one federation:
+refusals first, then a two-round DP run, then a run in which one site is killed mid-round
+while another, restarted, must remember the budget it already spent.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from clients.privacy import SitePrivacyState
+from common.certs import NodeKeys, TlsFiles, create_node_keys, create_tls_files
+from common.config import load_config, parse_config
+from common.data.synthetic_dicom import synthesize_dataset
+from common.errors import ConfigError
+from common.runs import RunDirectory
+from mammofl.cli import main
+from server.deployment import (
+    Deployment,
+    enrol_site,
+    flower_environment,
+    free_port,
+    run_federation,
+    spawn,
+    start_superlink,
+    stop,
+)
+
+SITES = ("site-01", "site-02", "site-03")
+JOINED = "SuperNode ID:"
+
+
+def deployment_config(root: Path, *, name: str, rounds: int) -> Path:
+    """Two-round DP config; site-01 has the default budget (spent by run 1), the others room for more."""
+    config = parse_config({
+        "name": name, "seed": 5, "device": "cpu", "training": "federated", "epochs": 1, "batch_size": 16,
+        "learning_rate": 0.003, "num_workers": 0, "encoder": "smallcnn", "verbose": 0, "augmentation": False,
+        "validation_split": 0.2, "model": {"image_size": 64},
+        "data": {"source": "sites", "root": str(root / "data"), "cache_dir": str(root / "cache")},
+        "federation": {"rounds": rounds, "local_epochs": 1, "min_train_sites": 1, "min_available_sites": 3,
+                       "fraction_evaluate": 0.0},
+        "privacy": {"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0,
+                    "site_budgets": {"site-02": 50.0, "site-03": 50.0}},
+        "tracking": {"runs_dir": str(root / "runs"), "wandb_mode": "disabled"},
+    })
+    path = root / f"{name}.json"
+    path.write_text(config.model_dump_json(indent=2))
+    return path
+
+
+@dataclass
+class LoopbackFederation:
+    root: Path
+    deployment: Deployment
+    tls: TlsFiles
+    superlink: subprocess.Popen
+    sites: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def keys(self, site_id: str) -> NodeKeys:
+        return NodeKeys.in_folder(self.root / "secrets" / "sites", site_id)
+
+    def state_dir(self, site_id: str) -> Path:
+        return self.root / "state" / site_id
+
+    def log(self, site_id: str) -> Path:
+        return self.root / "logs" / f"{site_id}.log"
+
+    def start_site(self, site_id: str, *, data_of: str | None = None, auth_key: Path | None = None,
+                   plaintext: bool = False) -> subprocess.Popen:
+        """``mammofl site run`` in its own process, as a hospital starts it."""
+        command = [sys.executable, "-m", "mammofl", "site", "run", "--site-id", site_id,
+                   "--data", str(self.root / "data" / (data_of or site_id)), "--superlink", self.deployment.fleet_address,
+                   "--state-dir", str(self.state_dir(site_id)), "--clientappio-address", f"127.0.0.1:{free_port()}"]
+        # Flower itself refuses an authentication key over plaintext, so a plaintext site brings none.
+        command += (["--insecure"] if plaintext else
+                    ["--root-certificates", str(self.tls.ca_certificate),
+                     "--auth-key", str(auth_key or self.keys(site_id).private_key)])
+        self.sites[site_id] = spawn(command, self.log(site_id), env=flower_environment(self.root / "flwr"))
+        return self.sites[site_id]
+
+    def wait_until_joined(self, site_id: str, *, joins: int = 1, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log(site_id).read_text().count(JOINED) < joins:
+            assert self.sites[site_id].poll() is None, self.log(site_id).read_text()[-2000:]
+            assert time.monotonic() < deadline, f"{site_id} did not join within {timeout} s"
+            time.sleep(0.5)
+
+    def spent_epsilon(self, site_id: str, config_path: Path) -> float:
+        """What the site's own state folder says it has spent."""
+        privacy = load_config(config_path).privacy
+        return SitePrivacyState.load_or_create(self.state_dir(site_id), site_id, privacy).spent_epsilon
+
+
+def test_certs_create_a_ca_that_signs_the_superlink_certificate_for_the_given_hosts(tmp_path):
+    files = create_tls_files(tmp_path, ["127.0.0.1", "aggregator.example.org"])
+    ca = x509.load_pem_x509_certificate(files.ca_certificate.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_certificate.read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["aggregator.example.org"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert stat.S_IMODE(files.server_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="already exist"):
+        create_tls_files(tmp_path, ["127.0.0.1"])
+
+
+def test_a_site_key_pair_is_what_flower_enrols_and_signs_with(tmp_path):
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    keys = create_node_keys(tmp_path, "site-01")
+    assert try_load_public_key(keys.public_key)
+    assert load_ssh_private_key(keys.private_key.read_bytes(), password=None)
+    assert stat.S_IMODE(keys.private_key.stat().st_mode) == 0o600
+
+
+def test_certs_create_on_the_command_line_writes_the_tls_files_and_site_keys(tmp_path):
+    assert main(["certs", "create", "--out", str(tmp_path), "--host", "127.0.0.1", "--site", "site-01"]) == 0
+    assert TlsFiles.in_folder(tmp_path).require()
+    assert NodeKeys.in_folder(tmp_path / "sites", "site-01").public_key.is_file()
+
+
+def test_site_run_wants_tls_or_an_explicit_insecure(tmp_path, capsys):
+    assert main(["site", "run", "--site-id", "site-01", "--data", str(tmp_path), "--superlink", "127.0.0.1:9092"]) == 2
+    assert "--root-certificates" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployment")
+    synthesize_dataset(root / "data", sites=len(SITES), per_site=24, size=64, seed=5, burned_in_text=0.0)
+    tls = create_tls_files(root / "secrets", ["127.0.0.1", "localhost"])
+    deployment = Deployment(folder=root / "superlink", fleet_address=f"127.0.0.1:{free_port()}",
+                            control_address=f"127.0.0.1:{free_port()}", serverappio_address=f"127.0.0.1:{free_port()}",
+                            ca_certificate=tls.ca_certificate, node_auth=True)
+    superlink = start_superlink(deployment, tls)
+    loopback = LoopbackFederation(root=root, deployment=deployment, tls=tls, superlink=superlink)
+    try:
+        for site_id in SITES:
+            enrol_site(deployment, create_node_keys(root / "secrets" / "sites", site_id).public_key)
+            loopback.start_site(site_id)
+        for site_id in SITES:
+            loopback.wait_until_joined(site_id)
+        yield loopback
+    finally:
+        for process in [*loopback.sites.values(), superlink]:
+            stop(process, kill=True)
+
+
+def ledger_rows(run: RunDirectory) -> list[dict]:
+    return [json.loads(line) for line in (run.root / "privacy" / "ledger.jsonl").read_text().splitlines()]
+
+
+def rounds_of(run: RunDirectory) -> list[dict]:
+    return [row for row in run.read_metrics() if "round" in row]
+
+
+@pytest.mark.slow
+def test_a_site_that_was_not_enrolled_is_refused(federation):
+    rogue = create_node_keys(federation.root / "secrets" / "rogue", "site-rogue")
+    process = federation.start_site("site-rogue", data_of="site-03", auth_key=rogue.private_key)
+    process.wait(timeout=120)
+    log = federation.log("site-rogue").read_text()
+    assert JOINED not in log
+    assert "No SuperNode found with the given public key" in log
+
+
+@pytest.mark.slow
+def test_plaintext_grpc_is_refused_when_tls_is_configured(federation):
+    # The TLS listener closes a plaintext socket: the node never joins.
+    process = federation.start_site("site-plain", data_of="site-01", plaintext=True)
+    deadline = time.monotonic() + 120
+    while "Connection attempt failed" not in federation.log("site-plain").read_text():
+        assert time.monotonic() < deadline and process.poll() is None, "the plaintext site never tried to connect"
+        time.sleep(0.5)
+    stop(process, kill=True)
+    assert JOINED not in federation.log("site-plain").read_text()
+
+
+@pytest.fixture(scope="module")
+def first_run(federation):
+    config_path = deployment_config(federation.root, name="first", rounds=2)
+    run, _ = run_federation(federation.deployment, config_path, timeout=900)
+    return run, config_path
+
+
+@pytest.mark.slow
+def test_a_two_round_dp_run_completes_with_every_site_and_the_simulation_layout(first_run):
+    run, _ = first_run
+    rounds = rounds_of(run)
+    assert [row["round"] for row in rounds] == [1, 2]
+    assert all(row["sites_trained"] == 3 and row["sites_failed"] == 0 for row in rounds)
+    for relative in ("config.json", "metrics.jsonl", "model/last.pt", "privacy/ledger.jsonl", "privacy/report.json"):
+        assert (run.root / relative).is_file(), relative
+
+
+@pytest.mark.slow
+def test_the_ledger_equals_what_each_site_state_on_disk_says(federation, first_run):
+    run, config_path = first_run
+    last_epsilon = {row["site"]: row["epsilon"] for row in ledger_rows(run)}
+    assert sorted(last_epsilon) == list(SITES)
+    for site_id in SITES:
+        assert last_epsilon[site_id] == pytest.approx(federation.spent_epsilon(site_id, config_path), rel=1e-9)
+        assert last_epsilon[site_id] > 0
+
+
+@pytest.mark.slow
+def test_a_killed_site_is_recorded_and_a_restarted_site_keeps_its_spent_budget(federation, first_run):
+    _, first_config = first_run
+    spent_before = federation.spent_epsilon("site-01", first_config)
+    stop(federation.sites["site-01"])
+    federation.start_site("site-01")
+    federation.wait_until_joined("site-01", joins=2)
+    victim_log = federation.log("site-02")
+    trains_before = victim_log.read_text().count("Receiving: train message")
+
+    def kill_site_02_once_it_trains(flwr_run_id: int) -> None:
+        deadline = time.monotonic() + 300
+        while victim_log.read_text().count("Receiving: train message") == trains_before:
+            assert time.monotonic() < deadline, "site-02 never received the round"
+            time.sleep(0.2)
+        stop(federation.sites["site-02"], kill=True)
+
+    config_path = deployment_config(federation.root, name="second", rounds=1)
+    run, _ = run_federation(federation.deployment, config_path, timeout=900, on_submit=kill_site_02_once_it_trains)
+
+    status = {row["site"]: row["status"] for row in ledger_rows(run)}
+    assert status["site-01"] == "refused"  # the restarted site remembers its budget is spent
+    assert status["site-03"] == "trained"
+    assert list(status.values()).count("failed") == 1  # site-02, known by node id only: it never replied
+    assert rounds_of(run)[0]["sites_failed"] == 1 and rounds_of(run)[0]["sites_trained"] == 1
+    assert federation.spent_epsilon("site-01", first_config) == pytest.approx(spent_before)
