@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -32,7 +32,14 @@ from cassandra import (
     Timeout,
     Unavailable,
 )
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
 from cassandra.connection import ConnectionBusy
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.protocol import ErrorMessage
@@ -82,6 +89,9 @@ class CassandraSettings(BaseModel):
     concurrency: int = Field(4, ge=1, le=64)
     connect_timeout_s: float = Field(10.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
+    # How long a schema change waits for every node to agree; past it the driver only logs, and a
+    # statement prepared next on a node that lags fails ("table ... does not exist").
+    schema_agreement_timeout_s: float = Field(60.0, gt=0)
     # Protocol v4: with v5 the driver checksums every 128 KiB frame segment in Python, and reads
     # of MiB-sized chunks measured about a third slower here. None lets the driver negotiate.
     protocol_version: int | None = 4
@@ -112,6 +122,19 @@ class CassandraImageStore(ImageStore):
 
     def close(self) -> None:
         self._cluster.shutdown()
+
+    @property
+    def session(self) -> Session:
+        """The driver session, for tables that live beside the images in the same keyspace."""
+        return self._session
+
+    @property
+    def settings(self) -> CassandraSettings:
+        return self._settings
+
+    def driver_errors(self, action: str) -> AbstractContextManager[None]:
+        """The driver's errors turned into the store's, naming ``action``."""
+        return self._errors(action)
 
     # --- backend primitives ------------------------------------------------------------------
 
@@ -287,6 +310,7 @@ def _cluster(settings: CassandraSettings) -> Cluster:
     options: dict[str, Any] = {} if settings.protocol_version is None else {"protocol_version": settings.protocol_version}
     return Cluster(list(settings.contact_points), port=settings.port, compression=False,
                    connect_timeout=settings.connect_timeout_s,
+                   max_schema_agreement_wait=settings.schema_agreement_timeout_s,
                    execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **options)
 
 

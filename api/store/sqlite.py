@@ -76,6 +76,20 @@ class SQLiteImageStore(ImageStore):
             self._connections.clear()
         self._local = threading.local()
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def read_rows(self, sql: str, parameters: tuple = ()) -> list[tuple]:
+        """Runs a query on this thread's connection; for tables that live beside the images."""
+        return self._query(sql, parameters)
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on this database, its errors turned into the store's."""
+        with self._transaction() as connection:
+            yield connection
+
     # --- backend primitives ------------------------------------------------------------------
 
     def _write(self, record: ImageRecord, chunks: Iterable[bytes]) -> None:

@@ -12,9 +12,10 @@ from it (patient data lives in those headers).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import pydicom
@@ -56,6 +57,17 @@ def read_image(path: Path | str) -> np.ndarray:
     return read_dicom(path)
 
 
+def read_image_bytes(data: bytes, *, raster: bool, name: str = "image") -> np.ndarray:
+    """`read_image` for a file already in memory: a JPEG/PNG when `raster`, else DICOM.
+
+    `name` stands for the file in error messages.
+    """
+    source = io.BytesIO(data)
+    if raster:
+        return _raster_to_unit(source, name)
+    return _dicom_to_unit(_read_dataset(source, name, stop_before_pixels=False, tags=None), name)
+
+
 def is_raster(path: Path) -> bool:
     """Whether `path` names a JPEG/PNG export rather than a DICOM file."""
     return path.suffix.lower() in RASTER_SUFFIXES
@@ -72,7 +84,8 @@ def read_dicom_header(path: Path | str, tags: Sequence[str] | None = None) -> Da
     `tags` restricts reading to those keywords; raises DicomReadError when the
     file is missing, truncated or not DICOM.
     """
-    return _read_dataset(Path(path), stop_before_pixels=True, tags=tags)
+    path = Path(path)
+    return _read_dataset(path, path, stop_before_pixels=True, tags=tags)
 
 
 def read_dicom(path: Path | str) -> np.ndarray:
@@ -83,7 +96,16 @@ def read_dicom(path: Path | str) -> np.ndarray:
     low values are bright) is inverted so every source shares one convention.
     """
     path = Path(path)
-    dataset = _read_dataset(path, stop_before_pixels=False, tags=None)
+    return _dicom_to_unit(_read_dataset(path, path, stop_before_pixels=False, tags=None), path)
+
+
+def read_raster(path: Path | str) -> np.ndarray:
+    """Read a JPEG/PNG (8- or 16-bit, grey or colour) as float32 [0, 1]."""
+    path = Path(path)
+    return _raster_to_unit(path, path)
+
+
+def _dicom_to_unit(dataset: Dataset, path: Path | str) -> np.ndarray:
     pixels = _decode_pixels(dataset, path)
     if dataset.PhotometricInterpretation in COLOR_INTERPRETATIONS:
         return _stretch_to_unit(pixels @ LUMA_WEIGHTS)
@@ -93,11 +115,9 @@ def read_dicom(path: Path | str) -> np.ndarray:
     return image
 
 
-def read_raster(path: Path | str) -> np.ndarray:
-    """Read a JPEG/PNG (8- or 16-bit, grey or colour) as float32 [0, 1]."""
-    path = Path(path)
+def _raster_to_unit(source: Path | BinaryIO, path: Path | str) -> np.ndarray:
     try:
-        with Image.open(path) as picture:
+        with Image.open(source) as picture:
             if picture.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
                 picture = picture.convert("L")
             pixels = np.asarray(picture)
@@ -106,9 +126,11 @@ def read_raster(path: Path | str) -> np.ndarray:
     return _stretch_to_unit(pixels)
 
 
-def _read_dataset(path: Path, *, stop_before_pixels: bool, tags: Sequence[str] | None) -> Dataset:
+def _read_dataset(source: Path | BinaryIO, path: Path | str, *, stop_before_pixels: bool,
+                  tags: Sequence[str] | None) -> Dataset:
+    """`source` read as DICOM; `path` names it in error messages."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, specific_tags=tags)
+        return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, specific_tags=tags)
     except FileNotFoundError as exc:
         raise DicomReadError(f"{path}: no such file") from exc
     except InvalidDicomError as exc:
@@ -122,7 +144,7 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool, tags: Sequence[str] |
         ) from exc
 
 
-def _decode_pixels(dataset: Dataset, path: Path) -> np.ndarray:
+def _decode_pixels(dataset: Dataset, path: Path | str) -> np.ndarray:
     """The stored pixel values of a single-frame image, decompressed."""
     if "PixelData" not in dataset:
         # pydicom stops quietly at the end of a truncated file, dropping the
@@ -149,7 +171,7 @@ def _decode_pixels(dataset: Dataset, path: Path) -> np.ndarray:
         ) from exc
 
 
-def _apply_luts(pixels: np.ndarray, dataset: Dataset, path: Path) -> np.ndarray:
+def _apply_luts(pixels: np.ndarray, dataset: Dataset, path: Path | str) -> np.ndarray:
     """Stored values to presentation values: Modality LUT (rescale), then VOI LUT or window."""
     try:
         return apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
@@ -159,7 +181,7 @@ def _apply_luts(pixels: np.ndarray, dataset: Dataset, path: Path) -> np.ndarray:
         ) from exc
 
 
-def _require_decoder(dataset: Dataset, path: Path) -> None:
+def _require_decoder(dataset: Dataset, path: Path | str) -> None:
     """Fail early, naming the transfer syntax, when no installed plugin can decode it."""
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     if syntax is None:

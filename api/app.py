@@ -1,0 +1,149 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, services, routers and error answers.
+
+Every error is JSON ``{"detail": "<message>"}``; no input, however bad, yields a 500: invalid
+requests are 4xx, an unreachable store is 503 with Retry-After. Messages never carry patient
+data (the store, the de-identifier and the image reader name fields and files, not values).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from api.auth import ApiKeyError, ApiKeyNotFoundError
+from api.crypto import CryptoError
+from api.inference import VariantNotFoundError
+from api.routes import health, images, keys, models, predictions
+from api.services import Services, open_services
+from api.settings import ApiSettings
+from api.store.base import ImageNotFoundError, InvalidRequestError, StoreError
+from api.uploads import BodyLimitMiddleware, UploadRejected
+
+logger = logging.getLogger(__name__)
+API_PREFIX = "/v1"
+
+
+def create_app(settings: ApiSettings, services: Services | None = None) -> FastAPI:
+    """The service; stores and models are opened when it starts (lifespan) and closed when it stops.
+
+    ``services`` already opened (``mammofl serve`` opens them first, so that a bad setting is one
+    clear error before the server starts) are used as they are, and closed when the app stops.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = services or open_services(settings)
+        try:
+            yield
+        finally:
+            app.state.services.close()
+
+    app = FastAPI(title="mammofl inference service", version="1", lifespan=lifespan,
+                  description="De-identified, encrypted mammogram storage and classification "
+                              "(normal / benign / malignant), per site, behind API keys.")
+    for router in (keys.router, images.router, predictions.router, models.router):
+        app.include_router(router, prefix=API_PREFIX)
+    app.include_router(health.router)
+    _add_error_answers(app, settings)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+    app.middleware("http")(_observe)
+    if settings.web_dir is not None and settings.web_dir.is_dir():
+        app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
+    return app
+
+
+async def _observe(request: Request, call_next) -> Response:
+    """Metrics for every request; an audit line for every /v1 request (who, what, which id, outcome)."""
+    started = time.perf_counter()
+    response = await call_next(request)
+    template = _route_template(request)
+    services = getattr(request.app.state, "services", None)
+    if services is None:
+        return response
+    services.metrics.observe_request(request.method, template, response.status_code, time.perf_counter() - started)
+    if request.url.path.startswith(API_PREFIX):
+        principal = getattr(request.state, "principal", None)
+        parameters = request.scope.get("path_params", {})
+        resource = getattr(request.state, "audit_resource", None) or parameters.get("image_id") or parameters.get("key_id")
+        services.audit.record(action=f"{request.method} {template}", status=response.status_code,
+                              key_id=getattr(principal, "key_id", None), site_id=getattr(principal, "site_id", None),
+                              role=getattr(principal, "role", None), resource_id=resource)
+    return response
+
+
+def _route_template(request: Request) -> str:
+    """The matched route's path template ("/v1/images/{image_id}"), so that metrics do not grow per id."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None)
+    if template is None:
+        return "unmatched"
+    # FastAPI hands over the included router's own route, whose path lacks the router's prefix.
+    if request.url.path.startswith(API_PREFIX) and not template.startswith(API_PREFIX):
+        return API_PREFIX + template
+    return template
+
+
+def _add_error_answers(app: FastAPI, settings: ApiSettings) -> None:
+    def answer(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+    retry = {"Retry-After": str(settings.retry_after_s)}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return answer(status.HTTP_422_UNPROCESSABLE_CONTENT, validation_message(error))
+
+    @app.exception_handler(UploadRejected)
+    async def rejected(_: Request, error: UploadRejected) -> JSONResponse:
+        return answer(error.status_code, str(error))
+
+    @app.exception_handler(ImageNotFoundError)
+    async def not_found(_: Request, error: ImageNotFoundError) -> JSONResponse:
+        return answer(status.HTTP_404_NOT_FOUND, str(error))
+
+    @app.exception_handler(ApiKeyError)
+    async def bad_key_request(_: Request, error: ApiKeyError) -> JSONResponse:
+        code = status.HTTP_404_NOT_FOUND if isinstance(error, ApiKeyNotFoundError) else 422
+        return answer(code, str(error))
+
+    @app.exception_handler(VariantNotFoundError)
+    async def unknown_variant(_: Request, error: VariantNotFoundError) -> JSONResponse:
+        return answer(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid_store_request(_: Request, error: InvalidRequestError) -> JSONResponse:
+        return answer(status.HTTP_400_BAD_REQUEST, str(error))
+
+    @app.exception_handler(StoreError)
+    async def store_failed(_: Request, error: StoreError) -> JSONResponse:
+        logger.warning("store error: %s", type(error).__name__)
+        return answer(status.HTTP_503_SERVICE_UNAVAILABLE, f"the image store is unavailable, nothing was changed "
+                                                           f"by a failed write; retry later ({type(error).__name__})",
+                      retry)
+
+    @app.exception_handler(CryptoError)
+    async def undecryptable(_: Request, error: CryptoError) -> JSONResponse:
+        logger.error("stored image failed decryption: %s", type(error).__name__)
+        return answer(status.HTTP_500_INTERNAL_SERVER_ERROR,
+                      f"a stored image failed its integrity check or its key is missing ({type(error).__name__})")
+
+
+def validation_message(error: RequestValidationError) -> str:
+    """One sentence per invalid field: where, and what was wrong (input values left out)."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item.get("loc", ()))
+        message = "the body is not valid JSON" if item.get("type") == "json_invalid" else item.get("msg", "invalid")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts) or "invalid request"

@@ -1,0 +1,137 @@
+"""API keys, roles and the caller of a request.
+
+A key reads ``mfk_<key_id>_<secret>``. The database keeps the key id (public, it names the key
+in the audit log) and the SHA-256 of the secret. The secret is 256 random bits, so a fast hash
+is enough (no password-style stretching: nothing guessable to protect, and it is checked on
+every request); comparison is constant-time.
+
+Roles are ranked: a *reader* reads its site's images and predictions, an *uploader* also
+uploads and predicts, an *admin* also deletes and manages its site's keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from api.store.base import SITE_ID_PATTERN
+from api.store.records import ApiKeyRecord, ServiceRecords
+from common.errors import MammoflError
+
+Role = Literal["reader", "uploader", "admin"]
+ROLE_RANK: dict[str, int] = {"reader": 0, "uploader": 1, "admin": 2}
+KEY_PREFIX = "mfk"
+KEY_PATTERN = re.compile(rf"{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{43}})")
+NAME_PATTERN = re.compile(r"[\w .@()-]{1,64}")
+
+
+class ApiKeyError(MammoflError):
+    """An API key request names an invalid site, role or name."""
+
+
+class ApiKeyNotFoundError(ApiKeyError):
+    """No such API key (never created, revoked, or another site's)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's id, its site and its role."""
+
+    key_id: str
+    site_id: str
+    role: Role
+
+    def may(self, role: Role) -> bool:
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A new key; ``api_key`` is shown once and stored nowhere."""
+
+    record: ApiKeyRecord
+    api_key: str
+
+
+class ApiKeys:
+    """Creates, verifies, lists and revokes API keys on the service records."""
+
+    def __init__(self, records: ServiceRecords) -> None:
+        self._records = records
+
+    def create(self, site_id: str, role: str, name: str) -> IssuedKey:
+        if not SITE_ID_PATTERN.fullmatch(site_id):
+            raise ApiKeyError(f"site_id {site_id!r} is invalid: 1 to 64 letters, digits, '.', '_' or '-'")
+        if role not in ROLE_RANK:
+            raise ApiKeyError(f"role {role!r} is invalid; valid: {', '.join(ROLE_RANK)}")
+        if not NAME_PATTERN.fullmatch(name):
+            raise ApiKeyError(f"key name {name!r} is invalid: 1 to 64 letters, digits, spaces or . @ ( ) _ -")
+        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        record = ApiKeyRecord(key_id, site_id, role, name, _hash(secret), datetime.now(timezone.utc))
+        self._records.add_key(record)
+        return IssuedKey(record, f"{KEY_PREFIX}_{key_id}_{secret}")
+
+    def verify(self, api_key: str) -> Principal | None:
+        """The key's principal, or None for a malformed, unknown or revoked key."""
+        match = KEY_PATTERN.fullmatch(api_key)
+        if match is None:
+            return None
+        key_id, secret = match.groups()
+        record = self._records.get_key(key_id)
+        if record is None or not hmac.compare_digest(record.key_hash, _hash(secret)):
+            return None
+        return Principal(record.key_id, record.site_id, record.role)  # type: ignore[arg-type]
+
+    def list(self, site_id: str | None = None) -> list[ApiKeyRecord]:
+        return self._records.list_keys(site_id)
+
+    def revoke(self, key_id: str, *, site_id: str | None = None) -> None:
+        """Revokes the key; with ``site_id``, only a key of that site (others are 'unknown')."""
+        record = self._records.get_key(key_id)
+        if record is None or (site_id is not None and record.site_id != site_id):
+            raise ApiKeyNotFoundError(f"no API key {key_id!r}" + (f" at site '{site_id}'" if site_id else ""))
+        self._records.delete_key(key_id)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer mfk_...`")
+
+
+def unauthorised(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def current_principal(request: Request,
+                            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    """The caller, from the bearer API key; 401 when it is missing or not a valid key."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise unauthorised("missing API key: send 'Authorization: Bearer <api key>'")
+    principal = await run_in_threadpool(request.app.state.services.keys.verify, credentials.credentials)
+    if principal is None:
+        raise unauthorised("invalid API key: unknown, revoked or malformed")
+    request.state.principal = principal
+    return principal
+
+
+def require(role: Role):
+    """A dependency: the caller, who must hold ``role`` or a stronger one (else 403)."""
+
+    async def dependency(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if not principal.may(role):
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                detail=f"this needs the '{role}' role or stronger; the key's role is '{principal.role}'")
+        return principal
+
+    return dependency

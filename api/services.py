@@ -1,0 +1,70 @@
+"""What the app holds for its lifetime: the stores, the keys, the models, the de-identifier, the logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from anonymize.profile import parse_options
+from anonymize.secret import load_secret
+from api.audit import AuditLog
+from api.auth import ApiKeys
+from api.crypto import load_keyring
+from api.inference import ModelRegistry, load_registry
+from api.metrics import Metrics
+from api.settings import ApiSettings
+from api.store.base import ImageStore
+from api.store.records import ServiceRecords, service_records_for
+from api.uploads import Deidentifier
+
+
+@dataclass
+class Services:
+    settings: ApiSettings
+    images: ImageStore
+    records: ServiceRecords
+    keys: ApiKeys
+    models: ModelRegistry
+    deidentifier: Deidentifier
+    audit: AuditLog
+    metrics: Metrics
+
+    def close(self) -> None:
+        self.models.close()
+        self.images.close()
+
+
+def open_store(settings: ApiSettings) -> tuple[ImageStore, ServiceRecords]:
+    """The image store of the configured backend and the records beside it."""
+    keyring = load_keyring(settings.keyring_path)
+    if settings.store_backend == "cassandra":
+        from api.store.cassandra import CassandraImageStore
+
+        store: ImageStore = CassandraImageStore(settings.cassandra(), keyring)
+    else:
+        from api.store.sqlite import SQLiteImageStore
+
+        settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        store = SQLiteImageStore(settings.sqlite_path, keyring)
+    try:
+        return store, service_records_for(store)
+    except BaseException:
+        store.close()
+        raise
+
+
+def open_services(settings: ApiSettings) -> Services:
+    """Everything the routes need, loaded once at start-up; raises a MammoflError naming what is wrong."""
+    deidentifier = Deidentifier(parse_options(settings.deidentification_options),
+                                load_secret(settings.deidentification_secret_file),
+                                max_pixels=settings.max_image_pixels)
+    models = load_registry(settings.model_dir, variants=settings.variants, default=settings.default_variant,
+                           threads=settings.cpu_threads, workers=settings.inference_workers,
+                           micro_batch_size=settings.micro_batch_size,
+                           micro_batch_wait_ms=settings.micro_batch_wait_ms)
+    try:
+        images, records = open_store(settings)
+    except BaseException:
+        models.close()
+        raise
+    return Services(settings, images, records, ApiKeys(records), models, deidentifier,
+                    AuditLog(settings.audit_log_path), Metrics())

@@ -1,0 +1,90 @@
+"""What the service keeps beside the images: API keys (hashed) and past predictions.
+
+Both live in the image store's database (a table in the SQLite file, a table in the Cassandra
+keyspace), so one backend setting covers everything. Neither holds patient data: a key record
+is a site, a role, a name and a hash; a prediction is probabilities and model provenance.
+Predictions are site-scoped like the images: every call names the site.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from api.store.base import ImageStore
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as stored: ``key_hash`` is the SHA-256 of its secret part, never the key itself."""
+
+    key_id: str
+    site_id: str
+    role: str
+    name: str
+    key_hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One stored prediction; ``document`` is the JSON the API returned for it."""
+
+    site_id: str
+    image_id: uuid.UUID
+    prediction_id: uuid.UUID
+    created_at: datetime
+    document: dict[str, Any]
+
+
+class ServiceRecords(ABC):
+    """API keys and predictions on the image store's backend; safe to share between threads."""
+
+    @abstractmethod
+    def add_key(self, record: ApiKeyRecord) -> None:
+        """Stores a new key record."""
+
+    @abstractmethod
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key record, or None when there is none (never created, or revoked)."""
+
+    @abstractmethod
+    def list_keys(self, site_id: str | None = None) -> list[ApiKeyRecord]:
+        """Every key record (of ``site_id`` when given), oldest first."""
+
+    @abstractmethod
+    def delete_key(self, key_id: str) -> None:
+        """Removes the key record; a removed key no longer authenticates."""
+
+    @abstractmethod
+    def add_prediction(self, record: PredictionRecord) -> None:
+        """Stores a prediction of one image."""
+
+    @abstractmethod
+    def list_predictions(self, site_id: str, image_id: uuid.UUID) -> list[PredictionRecord]:
+        """The image's predictions, oldest first."""
+
+    @abstractmethod
+    def delete_predictions(self, site_id: str, image_id: uuid.UUID) -> None:
+        """Removes every prediction of the image (when the image is deleted)."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raises :class:`~api.store.base.StoreUnavailableError` unless the database answers now."""
+
+
+def service_records_for(store: ImageStore) -> ServiceRecords:
+    """The records living beside ``store``'s images, on the same database."""
+    from api.store.cassandra import CassandraImageStore
+    from api.store.records_cassandra import CassandraServiceRecords
+    from api.store.records_sqlite import SQLiteServiceRecords
+    from api.store.sqlite import SQLiteImageStore
+
+    if isinstance(store, SQLiteImageStore):
+        return SQLiteServiceRecords(store)
+    if isinstance(store, CassandraImageStore):
+        return CassandraServiceRecords(store)
+    raise TypeError(f"no service records for a {type(store).__name__}; valid: SQLiteImageStore, CassandraImageStore")

@@ -1,0 +1,86 @@
+"""API keys and predictions as tables in the image store's Cassandra keyspace.
+
+``api_keys`` is one small partition per key (looked up by id on every request);
+``predictions`` is partitioned by (site, image), so an image's history is one partition read
+and deleting it is one partition delete. Listing keys scans ``api_keys``: there are few.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timezone
+
+from api.store.cassandra import CassandraImageStore
+from api.store.records import ApiKeyRecord, PredictionRecord, ServiceRecords
+
+KEY_COLUMNS = "key_id, site_id, role, name, key_hash, created_at"
+PING_KEY_ID = "readiness-probe"  # never a real key id (those are random hex)
+
+
+class CassandraServiceRecords(ServiceRecords):
+    def __init__(self, store: CassandraImageStore) -> None:
+        self._store = store
+        session, keyspace = store.session, store.settings.keyspace
+        with store.driver_errors("create the api_keys and predictions tables"):
+            session.execute(f"""CREATE TABLE IF NOT EXISTS {keyspace}.api_keys (
+                key_id text PRIMARY KEY, site_id text, role text, name text, key_hash text, created_at timestamp)""")
+            session.execute(f"""CREATE TABLE IF NOT EXISTS {keyspace}.predictions (
+                site_id text, image_id uuid, created_at timestamp, prediction_id uuid, document text,
+                PRIMARY KEY ((site_id, image_id), created_at, prediction_id))""")
+            self._insert_key = session.prepare(
+                f"INSERT INTO {keyspace}.api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)")
+            self._select_key = session.prepare(f"SELECT {KEY_COLUMNS} FROM {keyspace}.api_keys WHERE key_id = ?")
+            self._all_keys = session.prepare(f"SELECT {KEY_COLUMNS} FROM {keyspace}.api_keys")
+            self._delete_key = session.prepare(f"DELETE FROM {keyspace}.api_keys WHERE key_id = ?")
+            self._insert_prediction = session.prepare(
+                f"INSERT INTO {keyspace}.predictions (site_id, image_id, created_at, prediction_id, document) "
+                f"VALUES (?, ?, ?, ?, ?)")
+            self._select_predictions = session.prepare(
+                f"SELECT prediction_id, created_at, document FROM {keyspace}.predictions "
+                f"WHERE site_id = ? AND image_id = ?")
+            self._delete_predictions = session.prepare(
+                f"DELETE FROM {keyspace}.predictions WHERE site_id = ? AND image_id = ?")
+            # One partition of the keyspace at the store's consistency: system.local would answer
+            # while too few replicas are up for any read or write (readiness would lie).
+            self._ping = session.prepare(f"SELECT key_id FROM {keyspace}.api_keys WHERE key_id = ?")
+
+    def add_key(self, record: ApiKeyRecord) -> None:
+        self._run("store an API key", self._insert_key, (record.key_id, record.site_id, record.role, record.name,
+                                                        record.key_hash, record.created_at))
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        row = self._run("read an API key", self._select_key, (key_id,)).one()
+        return None if row is None else _key_from_row(row)
+
+    def list_keys(self, site_id: str | None = None) -> list[ApiKeyRecord]:
+        records = [_key_from_row(row) for row in self._run("list API keys", self._all_keys, ())]
+        chosen = [record for record in records if site_id is None or record.site_id == site_id]
+        return sorted(chosen, key=lambda record: (record.created_at, record.key_id))
+
+    def delete_key(self, key_id: str) -> None:
+        self._run("delete an API key", self._delete_key, (key_id,))
+
+    def add_prediction(self, record: PredictionRecord) -> None:
+        self._run("store a prediction", self._insert_prediction, (
+            record.site_id, record.image_id, record.created_at, record.prediction_id, json.dumps(record.document)))
+
+    def list_predictions(self, site_id: str, image_id: uuid.UUID) -> list[PredictionRecord]:
+        rows = self._run("list predictions", self._select_predictions, (site_id, image_id))
+        return [PredictionRecord(site_id, image_id, row.prediction_id, row.created_at.replace(tzinfo=timezone.utc),
+                                 json.loads(row.document)) for row in rows]
+
+    def delete_predictions(self, site_id: str, image_id: uuid.UUID) -> None:
+        self._run("delete predictions", self._delete_predictions, (site_id, image_id))
+
+    def ping(self) -> None:
+        self._run("answer a ping", self._ping, (PING_KEY_ID,))
+
+    def _run(self, action: str, statement, parameters: tuple):
+        with self._store.driver_errors(action):
+            return self._store.session.execute(statement, parameters)
+
+
+def _key_from_row(row) -> ApiKeyRecord:
+    return ApiKeyRecord(row.key_id, row.site_id, row.role, row.name, row.key_hash,
+                        row.created_at.replace(tzinfo=timezone.utc))

@@ -1,0 +1,86 @@
+"""API keys and predictions as tables in the embedded store's SQLite file."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+
+from api.store.records import ApiKeyRecord, PredictionRecord, ServiceRecords
+from api.store.sqlite import SQLiteImageStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    site_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    site_id TEXT NOT NULL,
+    image_id BLOB NOT NULL,
+    prediction_id BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    document TEXT NOT NULL,
+    PRIMARY KEY (site_id, image_id, prediction_id)
+);
+"""
+KEY_COLUMNS = "key_id, site_id, role, name, key_hash, created_at"
+
+
+class SQLiteServiceRecords(ServiceRecords):
+    def __init__(self, store: SQLiteImageStore) -> None:
+        self._store = store
+        with store.write_transaction() as connection:
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                connection.execute(statement)
+
+    def add_key(self, record: ApiKeyRecord) -> None:
+        with self._store.write_transaction() as connection:
+            connection.execute(f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                               (record.key_id, record.site_id, record.role, record.name, record.key_hash,
+                                record.created_at.isoformat()))
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        rows = self._store.read_rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
+        return _key_from_row(rows[0]) if rows else None
+
+    def list_keys(self, site_id: str | None = None) -> list[ApiKeyRecord]:
+        if site_id is None:
+            rows = self._store.read_rows(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, key_id")
+        else:
+            rows = self._store.read_rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE site_id = ? "
+                                         f"ORDER BY created_at, key_id", (site_id,))
+        return [_key_from_row(row) for row in rows]
+
+    def delete_key(self, key_id: str) -> None:
+        with self._store.write_transaction() as connection:
+            connection.execute("DELETE FROM api_keys WHERE key_id = ?", (key_id,))
+
+    def add_prediction(self, record: PredictionRecord) -> None:
+        with self._store.write_transaction() as connection:
+            connection.execute(
+                "INSERT INTO predictions (site_id, image_id, prediction_id, created_at, document) VALUES (?, ?, ?, ?, ?)",
+                (record.site_id, record.image_id.bytes, record.prediction_id.bytes, record.created_at.isoformat(),
+                 json.dumps(record.document)))
+
+    def list_predictions(self, site_id: str, image_id: uuid.UUID) -> list[PredictionRecord]:
+        rows = self._store.read_rows(
+            "SELECT prediction_id, created_at, document FROM predictions WHERE site_id = ? AND image_id = ? "
+            "ORDER BY created_at, prediction_id", (site_id, image_id.bytes))
+        return [PredictionRecord(site_id, image_id, uuid.UUID(bytes=prediction_id), datetime.fromisoformat(created_at),
+                                 json.loads(document)) for prediction_id, created_at, document in rows]
+
+    def delete_predictions(self, site_id: str, image_id: uuid.UUID) -> None:
+        with self._store.write_transaction() as connection:
+            connection.execute("DELETE FROM predictions WHERE site_id = ? AND image_id = ?", (site_id, image_id.bytes))
+
+    def ping(self) -> None:
+        self._store.read_rows("SELECT 1")
+
+
+def _key_from_row(row: tuple) -> ApiKeyRecord:
+    key_id, site_id, role, name, key_hash, created_at = row
+    return ApiKeyRecord(key_id, site_id, role, name, key_hash, datetime.fromisoformat(created_at))

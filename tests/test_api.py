@@ -1,0 +1,287 @@
+"""The REST service end to end on the embedded store (SQLite): a DICOM carrying PHI goes in, comes
+back de-identified, is predicted on by both served variants, listed, and deleted; the PNG path, the
+one-call /v1/predict, paging, models, probes, the audit log, key management and micro-batching."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+import uuid
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from anonymize.gate import is_deidentified
+from api.inference import ModelRegistry, predict_one
+from api.uploads import DICOM_TYPE, PNG_TYPE, decode_image
+from common.data.images import read_image
+from mammofl.cli import main
+from server.compression.serving import ServingModel, load_serving_model
+from tests.fixtures.anonymize_canaries import surviving_canaries
+from tests.test_api_support import (
+    IMAGE_SIZE,
+    canary_dicom,
+    png_bytes,
+    running_app,
+    serving_dir,
+    settings_for,
+    upload,
+)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with running_app(settings_for(tmp_path_factory.mktemp("api"))) as running:
+        yield running
+
+
+def test_a_dicom_carrying_phi_is_stored_deidentified_predicted_listed_and_deleted(app):
+    assert len(surviving_canaries(canary_dicom())) > 20
+
+    created = upload(app, canary_dicom())
+    assert created.status_code == 201, created.text
+    info = created.json()
+    image_id = info["image_id"]
+    assert (info["site_id"], info["content_type"]) == ("site-a", "application/dicom")
+    assert (info["width"], info["height"]) == (51, 64)
+    summary = info["deidentification"]
+    assert {"PatientName", "PatientID", "StudyDate"} <= set(summary["changed"])
+    assert {"InstitutionName", "OperatorsName"} <= set(summary["removed"])
+    assert summary["action_counts"]["removed"] > 0 and summary["method"] == "dicom-ps3.15"
+    assert surviving_canaries(created.text.encode()) == []
+
+    content = app.client.get(f"/v1/images/{image_id}/content", headers=app.auth(role="reader"))
+    assert content.status_code == 200 and content.headers["content-type"] == "application/dicom"
+    assert surviving_canaries(content.content) == []
+    assert is_deidentified(pydicom.dcmread(io.BytesIO(content.content)))
+    assert surviving_canaries(app.settings.sqlite_path.read_bytes()) == []
+
+    rendered = app.client.get(f"/v1/images/{image_id}/content?format=png", headers=app.auth(role="reader"))
+    assert rendered.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(rendered.content)).size == (51, 64)
+    assert app.client.get(f"/v1/images/{image_id}", headers=app.auth(role="reader")).json() == info
+
+    fp32 = app.client.post(f"/v1/images/{image_id}/predictions", headers=app.auth())
+    int8 = app.client.post(f"/v1/images/{image_id}/predictions", json={"variant": "int8_dynamic"}, headers=app.auth())
+    assert fp32.status_code == int8.status_code == 201, int8.text
+    first, second = fp32.json(), int8.json()
+    assert (first["variant"], first["backend"], second["variant"], second["backend"]) == (
+        "fp32", "pytorch", "int8_dynamic", "onnxruntime")
+    assert set(first["probabilities"]) == {"normal", "benign", "malignant"}
+    assert sum(first["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert first["presence"]["probability"] == pytest.approx(1 - first["probabilities"]["normal"])
+    assert first["predicted_class"] == max(first["probabilities"], key=first["probabilities"].get)
+    for name, value in first["probabilities"].items():
+        assert second["probabilities"][name] == pytest.approx(value, abs=0.05)
+    assert first["latency_ms"] > 0 and first["model_version"].startswith("test-run/")
+
+    history = app.client.get(f"/v1/images/{image_id}/predictions", headers=app.auth(role="reader")).json()
+    assert [p["prediction_id"] for p in history["predictions"]] == [first["prediction_id"], second["prediction_id"]]
+    listed = app.client.get("/v1/images", headers=app.auth(role="reader")).json()
+    assert image_id in [image["image_id"] for image in listed["images"]]
+
+    assert app.client.delete(f"/v1/images/{image_id}", headers=app.auth()).status_code == 204
+    for path in (f"/v1/images/{image_id}", f"/v1/images/{image_id}/content", f"/v1/images/{image_id}/predictions"):
+        assert app.client.get(path, headers=app.auth()).status_code == 404
+    listed = app.client.get("/v1/images", headers=app.auth(role="reader")).json()
+    assert image_id not in [image["image_id"] for image in listed["images"]]
+
+
+def test_the_prediction_matches_the_bare_model_on_the_same_preprocessed_image(app):
+    created = upload(app, canary_dicom()).json()
+    prediction = app.client.post(f"/v1/images/{created['image_id']}/predictions", headers=app.auth()).json()
+    content = app.client.get(f"/v1/images/{created['image_id']}/content?format=png", headers=app.auth()).content
+    pixels = np.asarray(Image.open(io.BytesIO(content)), dtype=np.float32) / 65535
+    expected = predict_one(load_serving_model(serving_dir() / "fp32"), pixels)
+    assert [prediction["probabilities"][name] for name in ("normal", "benign", "malignant")] == pytest.approx(
+        expected.tolist(), abs=1e-3)
+
+
+@pytest.mark.parametrize(("content_type", "suffix"), [(DICOM_TYPE, ".dcm"), (PNG_TYPE, ".png")])
+def test_stored_bytes_decode_in_memory_exactly_as_the_file_reads(tmp_path, content_type, suffix):
+    data = canary_dicom() if content_type == DICOM_TYPE else png_bytes()
+    path = tmp_path / f"image{suffix}"
+    path.write_bytes(data)
+    assert np.array_equal(decode_image(data, content_type), read_image(path))
+
+
+def test_predict_in_one_call_stores_a_png_without_its_metadata(app):
+    response = upload(app, png_bytes(), filename="scan.png", path="/v1/predict", variant="int8_dynamic")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    image_id = body["image"]["image_id"]
+    assert body["image"]["content_type"] == "image/png" and body["prediction"]["variant"] == "int8_dynamic"
+    assert body["image"]["deidentification"]["method"] == "raster-reencode"
+    content = app.client.get(f"/v1/images/{image_id}/content", headers=app.auth()).content
+    assert b"ZQXPNGPATIENT" in png_bytes() and b"ZQXPNGPATIENT" not in content
+    assert Image.open(io.BytesIO(content)).info == {}
+    history = app.client.get(f"/v1/images/{image_id}/predictions", headers=app.auth()).json()["predictions"]
+    assert [p["prediction_id"] for p in history] == [body["prediction"]["prediction_id"]]
+
+
+def test_a_jpeg_with_exif_is_stored_as_a_bare_png(app):
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010E] = "ZQXJPEGPATIENT"  # ImageDescription
+    Image.open(io.BytesIO(png_bytes())).convert("RGB").save(buffer, format="JPEG", exif=exif)
+    assert b"ZQXJPEGPATIENT" in buffer.getvalue()
+    response = upload(app, buffer.getvalue(), filename="scan.jpg")
+    assert response.status_code == 201, response.text
+    assert response.json()["deidentification"]["changed"][0] == "re-encoded from JPEG as a bare PNG"
+    content = app.client.get(f"/v1/images/{response.json()['image_id']}/content", headers=app.auth()).content
+    assert content.startswith(b"\x89PNG") and b"ZQXJPEGPATIENT" not in content
+
+
+def test_listing_pages_through_the_site_without_repeats(app):
+    ids = {upload(app, png_bytes(seed=seed), site="site-b", filename="x.png").json()["image_id"] for seed in range(3)}
+    seen, token = [], None
+    while True:
+        query = {"page_size": 2} | ({"page_token": token} if token else {})
+        page = app.client.get("/v1/images", params=query, headers=app.auth("site-b", "reader")).json()
+        assert len(page["images"]) <= 2
+        seen += [image["image_id"] for image in page["images"]]
+        token = page["next_page_token"]
+        if token is None:
+            break
+    assert len(seen) == len(set(seen)) and ids <= set(seen)
+
+
+def test_models_lists_both_variants_with_their_metrics_and_sizes(app):
+    body = app.client.get("/v1/models", headers=app.auth(role="reader")).json()
+    assert body["default"] == "fp32"
+    models = {model["variant"]: model for model in body["models"]}
+    assert set(models) == {"fp32", "int8_dynamic"}
+    assert models["int8_dynamic"]["backend"] == "onnxruntime" and models["fp32"]["input_size"] == IMAGE_SIZE
+    assert models["fp32"]["size_bytes"] == (serving_dir() / "fp32" / "model.pt").stat().st_size
+    assert models["fp32"]["metrics"] == {"accuracy": 0.5, "macro_auc": 0.6}
+
+
+def test_probes_and_prometheus_metrics(app):
+    upload(app, png_bytes(), filename="x.png", path="/v1/predict")
+    assert app.client.get("/healthz").json() == {"status": "ok"}
+    ready = app.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["models"] == ["fp32", "int8_dynamic"]
+    metrics = app.client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'mammofl_predictions_total{variant="fp32"}' in metrics.text
+    assert 'route="/v1/predict",status="201"' in metrics.text
+
+
+def test_the_audit_log_says_who_did_what_without_phi_or_keys(app):
+    created = upload(app, canary_dicom()).json()
+    app.client.get("/v1/images", headers={"Authorization": "Bearer mfk_0000000000000000_" + "x" * 43})
+    text = app.settings.audit_log_path.read_text()
+    entries = [json.loads(line) for line in text.splitlines()]
+    mine = [e for e in entries if e["resource_id"] == created["image_id"] and e["action"] == "POST /v1/images"]
+    assert len(mine) == 1 and mine[0]["status"] == 201 and mine[0]["site_id"] == "site-a"
+    assert mine[0]["role"] == "uploader" and len(mine[0]["key_id"]) == 16
+    assert any(e["status"] == 401 and e["key_id"] is None for e in entries)
+    assert surviving_canaries(text.encode()) == []
+    assert not any(secret.split("_")[-1] in text for secret in app.keys.values())
+
+
+def test_an_admin_issues_lists_and_revokes_its_own_sites_keys(app):
+    issued = app.client.post("/v1/keys", json={"site_id": "site-a", "role": "reader", "name": "viewer"},
+                             headers=app.auth()).json()
+    headers = {"Authorization": f"Bearer {issued['api_key']}"}
+    assert app.client.get("/v1/whoami", headers=headers).json() == {
+        "key_id": issued["key_id"], "site_id": "site-a", "role": "reader"}
+    listed = app.client.get("/v1/keys", headers=app.auth()).json()["keys"]
+    assert issued["key_id"] in [key["key_id"] for key in listed]
+    assert {key["site_id"] for key in listed} == {"site-a"} and "api_key" not in listed[0]
+    other = app.client.post("/v1/keys", json={"site_id": "site-b", "role": "admin", "name": "x"}, headers=app.auth())
+    assert other.status_code == 403
+    site_b_key = app.client.get("/v1/whoami", headers=app.auth("site-b", "reader")).json()["key_id"]
+    assert app.client.delete(f"/v1/keys/{site_b_key}", headers=app.auth()).status_code == 404
+    assert app.client.delete(f"/v1/keys/{issued['key_id']}", headers=app.auth()).status_code == 204
+    assert app.client.get("/v1/whoami", headers=headers).status_code == 401
+
+
+def test_api_keys_command_creates_lists_and_revokes(tmp_path, monkeypatch, capsys):
+    settings = settings_for(tmp_path)
+    env = tmp_path / "api.env"
+    env.write_text(f"MAMMOFL_API_SQLITE_PATH={settings.sqlite_path}\nMAMMOFL_API_KEYRING_PATH={settings.keyring_path}\n")
+    assert main(["api-keys", "create", "--env-file", str(env), "--site", "site-z", "--role", "admin",
+                 "--name", "bootstrap"]) == 0
+    created = capsys.readouterr().out
+    key_id = created.split()[1]
+    api_key = created.strip().split()[-1]
+    assert api_key.startswith(f"mfk_{key_id}_")
+    assert main(["api-keys", "list", "--env-file", str(env)]) == 0
+    assert key_id in capsys.readouterr().out
+    assert main(["api-keys", "revoke", "--env-file", str(env), key_id]) == 0
+    capsys.readouterr()
+    assert main(["api-keys", "list", "--env-file", str(env)]) == 0
+    assert key_id not in capsys.readouterr().out
+    assert main(["api-keys", "revoke", "--env-file", str(env), key_id]) == 2
+
+
+def test_a_bad_setting_is_one_clear_error_naming_its_variable(tmp_path, capsys):
+    env = tmp_path / "api.env"
+    env.write_text("MAMMOFL_API_STORE_BACKEND=mongo\nMAMMOFL_API_UPLOAD_LIMIT=3\n")
+    assert main(["api-keys", "list", "--env-file", str(env)]) == 2
+    error = capsys.readouterr().err
+    assert "MAMMOFL_API_STORE_BACKEND" in error and "'sqlite' or 'cassandra'" in error
+    assert "MAMMOFL_API_UPLOAD_LIMIT: Extra inputs are not permitted" in error
+
+
+class _CountingModel:
+    """Wraps a served model and records the batch sizes it is called with."""
+
+    def __init__(self, model: ServingModel) -> None:
+        self.model, self.batch_sizes = model, []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(batch))
+        time.sleep(0.02)
+        return self.model.predict(batch)
+
+
+def test_micro_batching_groups_concurrent_requests_and_keeps_each_answer():
+    served = load_serving_model(serving_dir() / "fp32")
+    counting = _CountingModel(served)
+    registry = ModelRegistry({"fp32": ServingModel(served.metadata, counting)}, "fp32", micro_batch_size=8,
+                             micro_batch_wait_ms=50)
+    rng = np.random.default_rng(0)
+    images = [rng.random((64, 52), dtype=np.float32) for _ in range(6)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(registry.predict(None, image) for image in images))
+
+    try:
+        results = asyncio.run(all_at_once())
+    finally:
+        registry.close()
+    assert max(counting.batch_sizes) > 1 and sum(counting.batch_sizes) == len(images)
+    for image, result in zip(images, results):
+        expected = predict_one(served, image)
+        assert [result.probabilities[name] for name in served.metadata.class_names] == pytest.approx(
+            expected.tolist(), abs=1e-5)
+
+
+def test_cors_is_off_by_default(app):
+    response = app.client.get("/healthz", headers={"Origin": "https://viewer.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_the_web_front_end_is_served_at_the_root_and_cors_when_configured(tmp_path):
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "index.html").write_text("<html>mammofl viewer</html>")
+    settings = settings_for(tmp_path, web_dir=web, cors_origins=("https://viewer.example",))
+    with running_app(settings) as running:
+        assert "mammofl viewer" in running.client.get("/").text
+        assert running.client.get("/v1/whoami").status_code == 401
+        assert running.client.get("/openapi.json").json()["info"]["title"] == "mammofl inference service"
+        preflight = running.client.options("/v1/images", headers={
+            "Origin": "https://viewer.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Authorization"})
+        assert preflight.headers["access-control-allow-origin"] == "https://viewer.example"
+
+
+def test_a_random_image_id_is_unknown(app):
+    assert app.client.get(f"/v1/images/{uuid.uuid4()}", headers=app.auth()).status_code == 404
