@@ -80,16 +80,27 @@ def _simulate(args: argparse.Namespace) -> int:
     config = load_config(args.resume / "config.json" if args.resume else args.config)
     result = simulate(config, resume=args.resume)
     print(f"run directory: {result.run.root}")
-    if (result.run.root / "privacy" / "report.md").exists():
-        print(f"privacy report: {result.run.root / 'privacy' / 'report.md'}")
+    for title, report in (("privacy", "privacy/report.md"), ("compression", "compression/report.md")):
+        if (result.run.root / report).exists():
+            print(f"{title} report: {result.run.root / report}")
+    if (result.run.root / "serving").is_dir():
+        print(f"serving artefacts: {result.run.root / 'serving'} (mammofl serve loads them)")
     return 0
 
 
 def _experiments(args: argparse.Namespace) -> int:
-    from simulations.experiments import comparison_table, run_experiments, write_comparison
+    from simulations.experiments import (
+        comparison_table,
+        compression_table,
+        run_experiments,
+        write_comparison,
+    )
 
     rows = run_experiments(args.configs)
     print(comparison_table(rows))
+    compressed = compression_table(rows)
+    if compressed:
+        print("\ncompression (each variant against its run's fp32):\n" + compressed)
     print(f"comparison: {write_comparison(rows, args.runs_dir)}")
     return 1 if any(row.error for row in rows) else 0
 
@@ -97,10 +108,8 @@ def _experiments(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from common.config import load_config
     from server.compression import compress_run, settings_with
-    from server.compression.settings import CompressionSettings
 
-    config = load_config(args.run_dir / "config.json")
-    base = CompressionSettings.model_validate(config.compression.model_dump())
+    base = load_config(args.run_dir / "config.json").compression
     changes = {key: value for key, value in {
         "variants": tuple(args.variants) if args.variants else None, "sparsity": args.sparsity,
         "channel_sparsity": args.channel_sparsity, "finetune_epochs": args.finetune_epochs,
@@ -351,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_anonymize_command(commands)
     _add_keys_commands(commands)
+    from mammofl import cli_federation, cli_serve
+
+    cli_serve.add_commands(commands)
+    cli_federation.add_commands(commands)
     return parser
 
 
