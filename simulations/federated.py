@@ -21,6 +21,7 @@ from common.data.pipeline import load_records, site_partitions
 from common.errors import ConfigError
 from common.runs import AppSettings, RunDirectory
 from server.compression import check_compression
+from server.secure_aggregation import sampled_sites
 from server.server_app import make_server_app
 from simulations.tracking import Tracker
 
@@ -42,6 +43,8 @@ def simulate(config: ExperimentConfig, *, resume: Path | None = None, log=print)
             f"federation.min_available_sites is {config.federation.min_available_sites} but the data has "
             f"{len(sites)} site(s); lower it or add sites"
         )
+    if config.federation.secure_aggregation:
+        sampled_sites(config.federation, len(sites))  # SecAgg+ needs three sites a round: say so now
     logging.getLogger("flwr").setLevel(logging.INFO if config.verbose >= 2 else logging.ERROR)
     run = _run_directory(config, resume)
     settings = AppSettings(config_path=run.root / "config.json", run_dir=run.root)

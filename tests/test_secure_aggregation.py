@@ -185,3 +185,14 @@ def test_a_dp_federation_under_secure_aggregation_trains_every_round_past_a_refu
     assert all(0 < row["epsilon"] <= 50.0 for row in rows if row["status"] == "trained")
     assert all("budget 0.05" in row["reason"] for row in rows if row["status"] == "refused")
     assert json.loads((secure_run.run.root / "privacy" / "report.json").read_text())["sites"]
+
+
+def test_a_simulation_with_too_few_sites_for_secagg_is_refused_before_it_starts(tmp_path):
+    from simulations.federated import simulate
+
+    config = federated_config(tmp_path, federation={"secure_aggregation": True},
+                              data={"synthetic": {"sites": 2, "per_site": 8, "size": 64, "burned_in_text": 0.0}})
+
+    with pytest.raises(ConfigError, match="at least 3 sites per round"):
+        simulate(config, log=lambda message: None)
+    assert not (tmp_path / "runs").exists()
