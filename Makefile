@@ -84,9 +84,12 @@ test: venv
 bench: venv
 	$(PY) bench/encoders.py
 	$(PY) bench/store.py
-	$(PY) bench/anonymize.py
+	$(PY) bench/deidentification.py
 	$(PY) bench/privacy.py
 	$(PY) bench/compression.py
+	$(PY) bench/rest_service.py
+	$(PY) bench/secure_aggregation.py
+	$(PY) bench/federation.py
 
 clean:
 	rm -rf runs .cache data/synthetic data/demo data/public data/pretrained .pytest_cache

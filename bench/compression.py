@@ -24,7 +24,12 @@ from pathlib import Path
 import torch
 
 from common.config import ENCODER_NAMES, parse_config
-from server.compression import VARIANT_NAMES, CompressionReport, CompressionConfig, compress_run
+from server.compression import (
+    VARIANT_NAMES,
+    CompressionConfig,
+    CompressionReport,
+    compress_run,
+)
 from simulations.centralised import train_centralised
 
 # (variant, reference, what is compared, aim) - speed-ups are reference p50 / variant p50.

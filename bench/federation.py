@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class CountingRelay:
@@ -95,9 +92,22 @@ def simulation(root: Path, rounds: int) -> dict:
 
 
 def deployment(root: Path, rounds: int, sites: list[str]) -> dict:
-    from clients.site import SiteNode, prepare_state_dir, site_environment, supernode_command
+    from clients.site import (
+        SiteNode,
+        prepare_state_dir,
+        site_environment,
+        supernode_command,
+    )
     from common.certs import create_node_keys, create_tls_files
-    from server.deployment import Deployment, enrol_site, free_port, run_federation, spawn, start_superlink, stop
+    from server.deployment import (
+        Deployment,
+        enrol_site,
+        free_port,
+        run_federation,
+        spawn,
+        start_superlink,
+        stop,
+    )
 
     folder = root / "deployment"
     tls = create_tls_files(folder / "secrets", ["127.0.0.1"])

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-
 MODES = ("plain", "flat", "ghost")
 
 

@@ -12,11 +12,8 @@ simulated sites, so the ratio that counts is that of the later rounds.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the project first; bench/anonymize.py would shadow it
 
 from common.config import ExperimentConfig, parse_config
 from common.data.pipeline import load_records

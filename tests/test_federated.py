@@ -54,7 +54,7 @@ def rounds_of(run):
 
 def test_dp_federation_runs_every_round_with_every_site_and_checkpoints_the_global_model(healthy_run):
     # At this size (about 40 training images per site) DP-SGD at epsilon 8 does not learn beyond
-    # chance in two rounds; the test checks the machinery, bench/ and the demo measure utility.
+    # chance in two rounds; the test checks the machinery (test_federated_utility.py: what does learn).
     rounds = rounds_of(healthy_run.run)
     assert [row["round"] for row in rounds] == [1, 2]
     assert all(row["sites_trained"] == 3 and row["sites_failed"] == 0 for row in rounds)

@@ -9,7 +9,7 @@ to bare inference time (the printed ratio p50 / bare <= 1.25). A second row per 
 image stored beforehand (``POST /v1/images/{id}/predictions``: fetch, decrypt, decode, preprocess,
 infer, store the prediction), which separates the service's own cost from de-identification.
 
-    .venv/bin/python bench/api.py [--serving RUN_DIR/serving | --encoder resnet18 --input-size 224]
+    .venv/bin/python bench/rest_service.py [--serving RUN_DIR/serving | --encoder resnet18 --input-size 224]
         [--variants fp32 int8_dynamic] [--requests 64] [--concurrency 1 8 32] [--image-size 256]
         [--threads 1] [--micro-batch 1]
 
@@ -26,15 +26,10 @@ import argparse
 import asyncio
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and its name would hide the `api`
-# package (and bench/anonymize.py the `anonymize` one): put the repository root there instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import httpx
 import numpy as np

@@ -7,7 +7,7 @@ image for burned-in text, blank it, keep the allow-list, scrub descriptors, veri
 re-reads and write atomically with an audit line. Each tool runs `--rounds` times, alternating,
 and the best round counts (load from other processes on the machine hits both alike).
 
-    .venv/bin/python bench/anonymize.py [--data DIR] [--images 12] [--rounds 2]
+    .venv/bin/python bench/deidentification.py [--data DIR] [--images 12] [--rounds 2]
 
 Without --data, the images are synthesised into a temporary folder first (about a minute).
 "mammofl no pixels" is the like-for-like run without the Clean Pixel Data Option.
@@ -18,23 +18,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would hide the
-# `anonymize` package: put the repository root there instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import pydicom
+from dicognito.anonymizer import Anonymizer
 
-import pydicom  # noqa: E402
-from dicognito.anonymizer import Anonymizer  # noqa: E402
-
-from anonymize.batch import run_anonymize  # noqa: E402
-from anonymize.profile import DEFAULT_OPTIONS, parse_options  # noqa: E402
-from anonymize.secret import create_secret  # noqa: E402
-from common.data.synthetic_dicom import synthesize_dataset  # noqa: E402
+from anonymize.batch import run_anonymize
+from anonymize.profile import DEFAULT_OPTIONS, parse_options
+from anonymize.secret import create_secret
+from common.data.synthetic_dicom import synthesize_dataset
 
 MAMMOGRAPHY = "1.2.840.10008.5.1.4.1.1.1.2"
 # Like for like with dicognito, which never looks at pixels: our defaults minus Clean Pixel Data
