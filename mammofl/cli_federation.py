@@ -100,7 +100,12 @@ def _start_local_sites(deployment, config_path: Path, tls, processes: list) -> N
 
     Started processes are appended to `processes` at once, so that a failure stops them too.
     """
-    from clients.site import SiteNode, prepare_state_dir, site_environment, supernode_command
+    from clients.site import (
+        SiteNode,
+        prepare_state_dir,
+        site_environment,
+        supernode_command,
+    )
     from common.certs import NodeKeys, create_node_keys
     from common.config import load_config
     from common.data.cbis import load_site_folders
@@ -109,7 +114,8 @@ def _start_local_sites(deployment, config_path: Path, tls, processes: list) -> N
 
     config = load_config(config_path)
     load_records(config.data)  # makes the synthetic sites on first use
-    for site_id in sorted(load_site_folders(config.data.root)):
+    sites = load_site_folders(config.data.root, config.data.layout, skip_missing=config.data.skip_missing)
+    for site_id in sorted(sites):
         keys = NodeKeys.in_folder(deployment.folder / "secrets" / "sites", site_id)
         if not keys.private_key.exists():
             keys = create_node_keys(keys.private_key.parent, site_id)

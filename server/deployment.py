@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from common.certs import TlsFiles
 from common.config import ExperimentConfig, load_config, parse_config
 from common.errors import ConfigError, MammoflError
@@ -333,7 +335,12 @@ def run_federation(deployment: Deployment, config_path: Path | None, *, resume: 
             {"flwr_run_id": flwr_run_id, "superlink": deployment.control_address}) + "\n")
         if on_submit is not None:
             on_submit(flwr_run_id)
-        status = wait_for_run(stub, flwr_run_id, timeout=timeout)
+        try:
+            status = wait_for_run(stub, flwr_run_id, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise DeploymentError(
+                f"the SuperLink at {deployment.control_address} stopped answering while run {flwr_run_id} was "
+                f"going ({exc.code().name}); see {deployment.folder / 'superlink.log'}") from None
     if not status.completed:
         raise DeploymentError(f"run {flwr_run_id} ended {status.status}:{status.sub_status} ({status.details}); "
                               f"see {deployment.folder / 'superlink.log'} and `flwr log {flwr_run_id}`")
