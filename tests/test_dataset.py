@@ -117,3 +117,24 @@ def test_works_with_dataloader_workers_sharing_a_cache(records, tmp_path):
     assert sum(len(labels) for _, labels in batches) == len(records)
     assert batches[0][0].shape == (2, 1, 16, 16)
     assert len(list(Path(tmp_path / "cache").glob("*.npy"))) == len(records)
+
+
+def test_loader_workers_start_from_a_forkserver_and_read_every_training_image(tmp_path):
+    # A fork of a process running gRPC threads (a deployed ClientApp) crashes in gRPC's event
+    # engine; workers must come from a clean process, and the dataset must survive pickling.
+    from common.config import parse_config
+    from common.data.pipeline import load_records, make_loader
+
+    config = parse_config({
+        "num_workers": 2, "batch_size": 4, "augmentation": {"enabled": True, "strength": 0.5},
+        "model": {"image_size": 32},
+        "data": {"root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"),
+                 "synthetic": {"sites": 1, "per_site": 8, "size": 64, "burned_in_text": 0.0}},
+        "tracking": {"runs_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"}})
+    records = [record for record in load_records(config.data) if record.split == "train"]
+
+    loader = make_loader(records, config, train=True)
+    seen = sum(len(labels) for _, labels in loader)
+
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert seen == len(records) > 0

@@ -117,4 +117,9 @@ def make_loader(
         num_workers=config.num_workers,
         generator=generator,
         persistent_workers=config.num_workers > 0,
+        # Workers start from a clean server process, not a fork of this one: a forked copy of a
+        # process running gRPC threads (a deployed ClientApp talks gRPC to its SuperNode) crashes
+        # in gRPC's event engine, which is how a deployed site lost its round to "DataLoader
+        # worker exited unexpectedly".
+        multiprocessing_context="forkserver" if config.num_workers > 0 else None,
     )
