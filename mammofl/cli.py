@@ -79,13 +79,18 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ConfigError("simulate needs a CONFIG, or --resume RUN_DIR (which carries its own config)")
     config = load_config(args.resume / "config.json" if args.resume else args.config)
     result = simulate(config, resume=args.resume)
-    print(f"run directory: {result.run.root}")
-    for title, report in (("privacy", "privacy/report.md"), ("compression", "compression/report.md")):
-        if (result.run.root / report).exists():
-            print(f"{title} report: {result.run.root / report}")
-    if (result.run.root / "serving").is_dir():
-        print(f"serving artefacts: {result.run.root / 'serving'} (mammofl serve loads them)")
+    print_run_outputs(result.run.root)
     return 0
+
+
+def print_run_outputs(run_root: Path) -> None:
+    """Where a finished federated run's directory, reports and serving artefacts are."""
+    print(f"run directory: {run_root}")
+    for title, report in (("privacy", "privacy/report.md"), ("compression", "compression/report.md")):
+        if (run_root / report).exists():
+            print(f"{title} report: {run_root / report}")
+    if (run_root / "serving").is_dir():
+        print(f"serving artefacts: {run_root / 'serving'} (mammofl serve loads them)")
 
 
 def _experiments(args: argparse.Namespace) -> int:

@@ -133,13 +133,12 @@ def _start_local_sites(deployment, config_path: Path, tls, processes: list) -> N
 
 
 def _federation_run(args: argparse.Namespace) -> int:
+    from mammofl.cli import print_run_outputs
     from server.deployment import Deployment, run_federation
 
     deployment = Deployment.load(args.dir.resolve(), wait=args.wait)
     run, _ = run_federation(deployment, args.config, resume=args.resume, timeout=args.timeout)
-    print(f"run directory: {run.root}")
-    if (run.root / "privacy" / "report.md").exists():
-        print(f"privacy report: {run.root / 'privacy' / 'report.md'}")
+    print_run_outputs(run.root)
     return 0
 
 
