@@ -69,6 +69,29 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
+    def forget_rounds_after(self, last_round: int) -> int:
+        """Drop the metrics of rounds after `last_round`, and a line cut short; returns how many went.
+
+        A resumed run restarts after its last checkpoint: an aggregator killed between logging
+        a round and saving that round's model left a row the rerun round will write again.
+        """
+        if not self.metrics_path.exists():
+            return 0
+        kept: list[str] = []
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row.get("round"), int) or row["round"] <= last_round:
+                kept.append(line)
+        if len(kept) < len(lines):
+            partial = self.metrics_path.with_name(self.metrics_path.name + ".partial")
+            partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            partial.replace(self.metrics_path)
+        return len(lines) - len(kept)
+
     def write_json(self, relative: str, payload: Any) -> Path:
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -324,7 +324,7 @@ def run_federation(deployment: Deployment, config_path: Path | None, *, resume: 
                    timeout: float = 3600.0, on_submit=None) -> tuple[RunDirectory, RunStatus]:
     """``mammofl federation run``: submit the config (or resume a run directory) and wait for the end.
 
-    `on_submit` is called with Flower's run id once the SuperLink accepted the run.
+    `on_submit` is called with the run directory and Flower's run id once the SuperLink accepted the run.
     """
     if (config_path is None) == (resume is None):
         raise ConfigError("federation run needs a CONFIG, or --resume RUN_DIR (which carries its own config)")
@@ -334,7 +334,7 @@ def run_federation(deployment: Deployment, config_path: Path | None, *, resume: 
         (run.root / "deployment.json").write_text(json.dumps(
             {"flwr_run_id": flwr_run_id, "superlink": deployment.control_address}) + "\n")
         if on_submit is not None:
-            on_submit(flwr_run_id)
+            on_submit(run, flwr_run_id)
         try:
             status = wait_for_run(stub, flwr_run_id, timeout=timeout)
         except grpc.RpcError as exc:

@@ -153,6 +153,8 @@ class Federation:
         last = self.run.model_dir / "last.pt"
         if last.exists():
             model, extra = load_checkpoint(last)
+            if dropped := self.run.forget_rounds_after(int(extra["round"])):
+                self.log(f"dropped {dropped} metrics row(s) of a round whose model was never saved")
             best = [row for row in self.run.read_metrics() if "round" in row]
             for row in best:  # replay the monitor so that best.pt is only replaced by a better model
                 self.checkpoint.update(row["round"], row, lambda path, optimizer: None)

@@ -4,7 +4,9 @@ Everything goes through TLS with certificates from `common.certs`, and only enro
 join. The sites are started as ``mammofl site run`` processes with their own data and state
 folders, exactly as a hospital would start one. The tests run in order on one federation:
 refusals first, then a two-round DP run, then a run in which one site is killed mid-round
-while another, restarted, must remember the budget it already spent.
+while another, restarted, must remember the budget it already spent; then the killed site
+rejoins for a SecAgg+ run, and last the aggregator itself is killed mid-run, restarted, and
+the run resumed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography import x509
 
 from clients.privacy import SitePrivacyState
@@ -29,6 +32,7 @@ from common.runs import RunDirectory
 from mammofl.cli import main
 from server.deployment import (
     Deployment,
+    DeploymentError,
     enrol_site,
     flower_environment,
     free_port,
@@ -42,17 +46,17 @@ SITES = ("site-01", "site-02", "site-03")
 JOINED = "SuperNode ID:"
 
 
-def deployment_config(root: Path, *, name: str, rounds: int) -> Path:
-    """Two-round DP config; site-01 has the default budget (spent by run 1), the others room for more."""
+def deployment_config(root: Path, *, name: str, rounds: int, secure_aggregation: bool = False) -> Path:
+    """A DP config; site-01 has the default budget (spent by the first run), the others room for every run here."""
     config = parse_config({
         "name": name, "seed": 5, "device": "cpu", "training": "federated", "epochs": 1, "batch_size": 16,
         "learning_rate": 0.003, "num_workers": 0, "encoder": "smallcnn", "verbose": 0, "augmentation": False,
         "validation_split": 0.2, "model": {"image_size": 64},
         "data": {"source": "sites", "root": str(root / "data"), "cache_dir": str(root / "cache")},
         "federation": {"rounds": rounds, "local_epochs": 1, "min_train_sites": 1, "min_available_sites": 3,
-                       "fraction_evaluate": 0.0},
+                       "fraction_evaluate": 0.0, "secure_aggregation": secure_aggregation},
         "privacy": {"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0,
-                    "site_budgets": {"site-02": 50.0, "site-03": 50.0}},
+                    "site_budgets": {"site-02": 100.0, "site-03": 100.0}},
         "tracking": {"runs_dir": str(root / "runs"), "wandb_mode": "disabled"},
     })
     path = root / f"{name}.json"
@@ -227,7 +231,7 @@ def test_a_killed_site_is_recorded_and_a_restarted_site_keeps_its_spent_budget(f
     victim_log = federation.log("site-02")
     trains_before = victim_log.read_text().count("Receiving: train message")
 
-    def kill_site_02_once_it_trains(flwr_run_id: int) -> None:
+    def kill_site_02_once_it_trains(run: RunDirectory, flwr_run_id: int) -> None:
         deadline = time.monotonic() + 300
         while victim_log.read_text().count("Receiving: train message") == trains_before:
             assert time.monotonic() < deadline, "site-02 never received the round"
@@ -243,3 +247,62 @@ def test_a_killed_site_is_recorded_and_a_restarted_site_keeps_its_spent_budget(f
     assert list(status.values()).count("failed") == 1  # site-02, known by node id only: it never replied
     assert rounds_of(run)[0]["sites_failed"] == 1 and rounds_of(run)[0]["sites_trained"] == 1
     assert federation.spent_epsilon("site-01", first_config) == pytest.approx(spent_before)
+
+
+def train_messages(federation: LoopbackFederation, site_id: str) -> int:
+    return federation.log(site_id).read_text().count("Receiving: train message")
+
+
+@pytest.mark.slow
+def test_secure_aggregation_runs_in_deployment_with_the_killed_site_rejoined(federation, first_run):
+    _, first_config = first_run
+    federation.start_site("site-02")  # killed by the test before: it rejoins the federation
+    federation.wait_until_joined("site-02", joins=2)
+    before = {site_id: train_messages(federation, site_id) for site_id in SITES}
+
+    config_path = deployment_config(federation.root, name="secure", rounds=1, secure_aggregation=True)
+    run, _ = run_federation(federation.deployment, config_path, timeout=900)
+
+    status = {row["site"]: row["status"] for row in ledger_rows(run)}
+    assert status == {"site-01": "refused", "site-02": "trained", "site-03": "trained"}
+    assert rounds_of(run)[0]["sites_trained"] == 2 and rounds_of(run)[0]["sites_failed"] == 0
+    # SecAgg+ is four exchanges (keys, key shares, masked vectors, unmasking); each reaches every site.
+    assert {site_id: train_messages(federation, site_id) - before[site_id] for site_id in SITES} == dict.fromkeys(SITES, 4)
+    last_epsilon = {row["site"]: row["epsilon"] for row in ledger_rows(run)}
+    for site_id in ("site-02", "site-03"):
+        assert last_epsilon[site_id] == pytest.approx(federation.spent_epsilon(site_id, first_config), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_run_resumes_after_the_aggregator_is_killed_and_restarted(federation, first_run):
+    _, first_config = first_run
+    killed: dict[str, int] = {}
+
+    def kill_the_aggregator_after_round_one(run: RunDirectory, flwr_run_id: int) -> None:
+        deadline = time.monotonic() + 600
+        while not (run.model_dir / "last.pt").is_file():
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.2)
+        killed["flwr_run_id"] = flwr_run_id
+        stop(federation.superlink, kill=True)  # the SuperLink's process group: its ServerApp dies with it
+
+    config_path = deployment_config(federation.root, name="resumed", rounds=2)
+    with pytest.raises(DeploymentError, match="stopped answering"):
+        run_federation(federation.deployment, config_path, timeout=900, on_submit=kill_the_aggregator_after_round_one)
+    [run_root] = (federation.root / "runs").glob("*-resumed-*")
+    assert [row["round"] for row in rounds_of(RunDirectory(run_root))] == [1]
+
+    # Same folder, same database: the enrolments survive, and the sites reconnect by themselves.
+    federation.superlink = start_superlink(federation.deployment, federation.tls)
+    run, _ = run_federation(federation.deployment, None, resume=run_root, timeout=900)
+
+    assert json.loads((run.root / "deployment.json").read_text())["flwr_run_id"] != killed["flwr_run_id"]
+    rounds = rounds_of(run)
+    assert [row["round"] for row in rounds] == [1, 2]
+    assert rounds[1]["sites_trained"] == 2 and rounds[1]["sites_refused"] == 1
+    assert torch.load(run.model_dir / "last.pt", map_location="cpu", weights_only=False)["round"] == 2
+    # A site that trained in the killed round spent budget the aggregator never heard of; its
+    # next ledger row still carries what it has spent in all, which is what its state says.
+    last_epsilon = {row["site"]: row["epsilon"] for row in ledger_rows(run) if row["status"] == "trained"}
+    for site_id in ("site-02", "site-03"):
+        assert last_epsilon[site_id] == pytest.approx(federation.spent_epsilon(site_id, first_config), rel=1e-9)

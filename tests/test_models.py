@@ -2,6 +2,7 @@
 
 import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +135,22 @@ def test_checkpoint_round_trip_reproduces_predictions_and_extras(tmp_path):
     assert torch.equal(restored(images), model(images))
     assert restored.spec == model.spec and not restored.training
     assert extra == {"class_names": list(CLASS_NAMES), "image_size": IMAGE_SIZE, "metrics": {"auc": 0.7}}
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    model = build_classifier("smallcnn")
+    path = tmp_path / "last.pt"
+    save_checkpoint(model, path, round=1)
+
+    def dies_midway(payload, target):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # as the aggregator killed while it writes
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, path, round=2)
+    assert load_checkpoint(path)[1] == {"round": 1}
+    assert [file.name for file in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_checkpoint_extras_must_stay_plain_data(tmp_path):

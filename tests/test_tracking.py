@@ -28,3 +28,17 @@ def test_disabled_tracking_imports_and_writes_nothing(tmp_path, monkeypatch):
     tracker.log_round(1, {"test_accuracy": 0.5}, [])
     tracker.finish(run.model_dir / "best.pt")
     assert not (run.root / "wandb").exists() and not tracker.active
+
+
+def test_a_resumed_run_forgets_the_rounds_after_its_last_checkpoint_and_a_line_cut_short(tmp_path):
+    run = RunDirectory.create(tmp_path, "resumed")
+    for round_number in (1, 2, 3):
+        run.log_metrics({"round": round_number, "test_accuracy": 0.5})
+    run.log_metrics({"compression": "fp16"})
+    with run.metrics_path.open("a") as stream:
+        stream.write('{"round": 4, "test_acc')  # the aggregator died while writing
+
+    assert run.forget_rounds_after(2) == 2
+    assert run.read_metrics() == [{"round": 1, "test_accuracy": 0.5}, {"round": 2, "test_accuracy": 0.5},
+                                  {"compression": "fp16"}]
+    assert run.forget_rounds_after(2) == 0

@@ -7,6 +7,7 @@ two clinical questions, "is there a lesion?" and "is it malignant?", are read of
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,9 +128,19 @@ def portable_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 
 def write_weights_file(payload: Mapping[str, Any], path: Path) -> None:
-    """Save `payload` (plain data and tensors only), creating the folder if needed."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(payload), path)
+    """Save `payload` (plain data and tensors only), creating the folder if needed.
+
+    The file is written beside `path` and renamed over it, so a reader (or a resumed run whose
+    aggregator was killed mid-save) finds the previous file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save(dict(payload), partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_weights_file(path: Path) -> Any:
