@@ -5,8 +5,9 @@ by ``partition-id``) and in a real deployment (a SuperNode per hospital, ``site-
 ``data-dir`` in its node config). The images never leave the process; what leaves is the
 model update and the numbers below.
 
-Settings come from the run config (``config-path``: the experiment JSON, ``run-dir``: the
-run directory) -- or from `SiteSettings` handed to `make_client_app` by ``mammofl simulate``.
+Settings come from the run config (``config-json``: the experiment config itself, or
+``config-path``: its file; ``run-dir``: the run directory) -- or from `AppSettings` handed to
+`make_client_app` by ``mammofl simulate``.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from anonymize.gate import require_deidentified_file
 from anonymize.secret import load_secret
 from clients.local_training import train_site_round
 from clients.privacy import BudgetExhaustedError, SitePrivacyState
-from common.config import ExperimentConfig, load_config
+from common.config import ExperimentConfig
 from common.data.cbis import load_cbis_ddsm
 from common.data.partition import split_train_val
 from common.data.pipeline import load_records, make_loader, site_partitions
 from common.data.records import ImageRecord
 from common.losses import build_loss
 from common.models.classifier import build_classifier
-from common.runs import AppSettings, config_path_of, resolve_app_settings
+from common.runs import AppSettings, app_config, resolve_app_settings
 from common.training import evaluate, seed_everything, select_device
 
 STATUS_TRAINED, STATUS_REFUSED = "trained", "refused"
@@ -57,7 +58,7 @@ class Site:
 
 def load_site(context: Context, settings: AppSettings | None) -> Site:
     """The site this SuperNode is, from its node config and the run's settings."""
-    config = load_config(config_path_of(context.run_config, settings))
+    config = app_config(context.run_config, settings)
     run_dir = resolve_app_settings(context.run_config, context.run_id, settings, config.tracking.runs_dir).run_dir
     node = context.node_config
     if "data-dir" in node:  # a deployed SuperNode reads its own folder and nothing else
@@ -71,9 +72,15 @@ def load_site(context: Context, settings: AppSettings | None) -> Site:
         site_id = sorted(partitions)[int(node["partition-id"])]
         site_records = partitions[site_id]
     if config.data.require_deidentified:
-        require_deidentified(site_records, config.data.deidentification_secret)
+        # A deployed site checks against its own secret when it was given one.
+        secret = node.get("deidentification-secret", config.data.deidentification_secret)
+        require_deidentified(site_records, Path(str(secret)) if secret is not None else None)
     train, val = split_train_val(site_records, config.validation_split, seed=config.seed)
     state_dir = Path(str(node.get("state-dir", run_dir / "sites" / site_id)))
+    if "data-dir" in node and config.data.cache_dir is not None:
+        # The decoded-image cache is the site's too: in its private state folder, not at the
+        # aggregator's path the config names.
+        config = config.model_copy(update={"data": config.data.model_copy(update={"cache_dir": state_dir / "image-cache"})})
     return Site(site_id=site_id, config=config, train=train, val=val or train, state_dir=state_dir)
 
 
@@ -179,7 +186,7 @@ def client_dp_mod_for(settings: AppSettings | None, clipping_mods: dict[str, Mod
     """
 
     def client_dp_mod(message: Message, context: Context, call_next) -> Message:
-        mode = load_config(config_path_of(context.run_config, settings)).federation.client_dp.mode
+        mode = app_config(context.run_config, settings).federation.client_dp.mode
         clipping_mod = clipping_mods.get(mode)
         if clipping_mod is None:
             return call_next(message, context)
@@ -193,7 +200,7 @@ def make_client_app(settings: AppSettings | None = None) -> ClientApp:
 
     def secure_aggregation_mod(message: Message, context: Context, call_next) -> Message:
         """Runs with ``federation.secure_aggregation`` speak SecAgg+: their messages go to that app."""
-        if not load_config(config_path_of(context.run_config, settings)).federation.secure_aggregation:
+        if not app_config(context.run_config, settings).federation.secure_aggregation:
             return call_next(message, context)
         # Imported here: the SecAgg+ client builds on this module's train_locally and validate.
         from clients.secure_aggregation import make_secure_client_app

@@ -8,6 +8,13 @@ node config tells our ClientApp who the site is and where its two folders are:
 - ``state-dir``: the site's own state, ``privacy_state.json`` above all: the accountant
   history of every round the site ever trained and its budget. It outlives the process, so
   a restarted site keeps its spent epsilon and still refuses rounds beyond its budget.
+- ``deidentification-secret`` (optional): the keyed secret the site de-identified its
+  images with; the ClientApp's gate checks the images against it when the config asks
+  (``data.require_deidentified``). Without it the config's ``data.deidentification_secret``
+  is used, which on another machine than the aggregator rarely exists.
+
+The experiment config itself comes with each run (``mammofl federation run`` puts it in the
+run config), so a site needs nothing from the aggregator but the CA certificate.
 
 TLS (``--root-certificates``, the federation's CA) is on unless ``--insecure`` is given;
 ``--auth-key`` is the site's private key whose public half the aggregator enrolled.
@@ -36,11 +43,15 @@ class SiteNode:
     root_certificates: Path | None
     auth_private_key: Path | None
     clientappio_address: str = "127.0.0.1:9094"
+    deidentification_secret: Path | None = None
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what ``load_site`` reads in the ClientApp."""
-        return (f'site-id="{self.site_id}" data-dir="{self.data_dir.resolve()}" '
-                f'state-dir="{self.state_dir.resolve()}"')
+        config = (f'site-id="{self.site_id}" data-dir="{self.data_dir.resolve()}" '
+                  f'state-dir="{self.state_dir.resolve()}"')
+        if self.deidentification_secret is not None:
+            config += f' deidentification-secret="{self.deidentification_secret.resolve()}"'
+        return config
 
 
 def supernode_command(node: SiteNode) -> list[str]:
@@ -55,11 +66,14 @@ def supernode_command(node: SiteNode) -> list[str]:
 
 def check_site(node: SiteNode) -> int:
     """Refuse to start a site that could not train: returns its number of training images."""
-    for path in (node.root_certificates, node.auth_private_key):
+    for path in (node.root_certificates, node.auth_private_key, node.deidentification_secret):
         if path is not None and not path.is_file():
             raise ConfigError(f"site {node.site_id}: {path} does not exist")
     if '"' in node.site_id or not node.site_id.strip():
         raise ConfigError(f"--site-id {node.site_id!r}: give a non-empty name without quotes")
+    for path in (node.data_dir, node.state_dir, node.deidentification_secret):
+        if path is not None and '"' in str(path.resolve()):
+            raise ConfigError(f"{path}: Flower's node config cannot carry a path with a double quote; rename it")
     training = [record for record in load_cbis_ddsm(node.data_dir) if record.split == "train"]
     if not training:
         raise DataError(f"site {node.site_id}: {node.data_dir} holds no training images")

@@ -18,6 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from common.config import ExperimentConfig, load_config, parse_config
+from common.errors import ConfigError
+
 
 def json_safe(value: Any) -> Any:
     """NaN and infinities become null: strict JSON has no such numbers."""
@@ -107,9 +110,27 @@ class AppSettings:
     run_dir: Path
 
 
-def config_path_of(run_config: dict, explicit: AppSettings | None) -> Path:
-    """The experiment config a Flower app runs with: the explicit one, else ``config-path``."""
-    return explicit.config_path if explicit is not None else Path(str(run_config["config-path"]))
+CONFIG_JSON = "config-json"
+
+
+def app_config(run_config: dict, explicit: AppSettings | None) -> ExperimentConfig:
+    """The experiment config a Flower app runs with.
+
+    The explicit file (``mammofl simulate``), else the config carried in the run config itself
+    (``config-json``, set by ``mammofl federation run``: a site on another machine needs no
+    copy of the aggregator's files), else the file at ``config-path`` (``flwr run``).
+    """
+    if explicit is not None:
+        return load_config(explicit.config_path)
+    if str(run_config.get(CONFIG_JSON, "")):  # "" (the app's default) means not given
+        try:
+            raw = json.loads(str(run_config[CONFIG_JSON]))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"run config {CONFIG_JSON!r}: not JSON ({exc.msg} at character {exc.pos})") from None
+        return parse_config(raw, source=f"run config {CONFIG_JSON!r}")
+    if "config-path" not in run_config:
+        raise ConfigError(f"the run config names no experiment config: give {CONFIG_JSON!r} or 'config-path'")
+    return load_config(Path(str(run_config["config-path"])))
 
 
 def resolve_app_settings(run_config: dict, run_id: int, explicit: AppSettings | None, runs_dir: Path) -> AppSettings:
@@ -122,4 +143,5 @@ def resolve_app_settings(run_config: dict, run_id: int, explicit: AppSettings | 
     if explicit is not None:
         return explicit
     run_dir = str(run_config.get("run-dir", "")) or Path(runs_dir) / f"flwr-{run_id}"
-    return AppSettings(config_path=Path(str(run_config["config-path"])), run_dir=Path(run_dir))
+    return AppSettings(config_path=Path(str(run_config.get("config-path", Path(run_dir) / "config.json"))),
+                       run_dir=Path(run_dir))

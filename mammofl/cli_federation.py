@@ -35,7 +35,8 @@ def _site_run(args: argparse.Namespace) -> int:
     node = SiteNode(site_id=args.site_id, data_dir=args.data, superlink=args.superlink,
                     state_dir=args.state_dir or args.data.parent / f"{args.site_id}-state",
                     root_certificates=args.root_certificates, auth_private_key=args.auth_key,
-                    clientappio_address=args.clientappio_address)
+                    clientappio_address=args.clientappio_address,
+                    deidentification_secret=args.deidentification_secret)
     return run_site(node)
 
 
@@ -62,6 +63,9 @@ def _federation_up(args: argparse.Namespace) -> int:
             time.sleep(1.0)
         print(f"the SuperLink exited with status {superlink.returncode}; see {deployment.folder / 'superlink.log'}")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how this command is meant to end
+        print(f"federation up: stopping the SuperLink and {len(sites)} site process(es)")
+        return 0
     finally:
         for process in [*sites, superlink]:
             stop(process)
@@ -125,7 +129,8 @@ def _start_local_sites(deployment, config_path: Path, tls, processes: list) -> N
                         state_dir=deployment.folder / "sites" / site_id / "state",
                         superlink=deployment.fleet_address, root_certificates=tls.ca_certificate if tls else None,
                         auth_private_key=keys.private_key if deployment.node_auth else None,
-                        clientappio_address=f"127.0.0.1:{free_port()}")
+                        clientappio_address=f"127.0.0.1:{free_port()}",
+                        deidentification_secret=config.data.deidentification_secret)
         prepare_state_dir(node)
         processes.append(spawn(supernode_command(node), deployment.folder / "sites" / site_id / "supernode.log",
                                env=site_environment(node)))
@@ -170,6 +175,9 @@ def add_commands(commands) -> None:
     run_site.add_argument("--insecure", action="store_true", help="plaintext gRPC (tests on one machine only)")
     run_site.add_argument("--auth-key", type=Path, help="the site's private key (its public key enrolled at the aggregator)")
     run_site.add_argument("--state-dir", type=Path, help="the site's state folder (default DATA/../<site-id>-state)")
+    run_site.add_argument("--deidentification-secret", type=Path, metavar="SECRET_FILE",
+                          help="the secret this site de-identified its images with (`mammofl anonymize "
+                          "--secret-file`); the gate checks the images against it when a run's config asks")
     run_site.add_argument("--clientappio-address", default="127.0.0.1:9094",
                           help="local address of the SuperNode's ClientAppIo API (default 127.0.0.1:9094)")
     run_site.set_defaults(handler=_site_run)

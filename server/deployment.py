@@ -278,7 +278,9 @@ def submit_run(stub, run: RunDirectory) -> int:
     from flwr.supercore.fab import Fab
 
     fab_bytes = build_app_bundle()
-    run_config = {"config-path": str(run.root / "config.json"), "run-dir": str(run.root)}
+    # The config travels with the run: a site on another machine has no copy of run.root.
+    run_config = {"config-json": (run.root / "config.json").read_text(), "config-path": str(run.root / "config.json"),
+                  "run-dir": str(run.root)}
     request = StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})),
                               override_config=user_config_to_proto(run_config))
     response = stub.StartRun(request)

@@ -22,13 +22,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.callbacks import ModelCheckpoint
-from common.config import ExperimentConfig, load_config
+from common.config import ExperimentConfig
 from common.data.pipeline import load_records, make_loader
 from common.data.records import CLASS_NAMES
 from common.losses import build_loss
 from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config
-from common.runs import AppSettings, RunDirectory, config_path_of, resolve_app_settings
+from common.runs import AppSettings, RunDirectory, app_config, resolve_app_settings
 from common.training import evaluate, seed_everything, select_device
 from server.compression import check_compression, compress_run
 from server.privacy_ledger import PrivacyLedger, write_report
@@ -39,8 +39,7 @@ RoundObserver = Callable[[int, dict[str, Any], list[dict[str, Any]]], None]
 
 
 def settings_for(context: Context, explicit: AppSettings | None) -> AppSettings:
-    config_path = config_path_of(context.run_config, explicit)
-    runs_dir = load_config(config_path).tracking.runs_dir
+    runs_dir = app_config(context.run_config, explicit).tracking.runs_dir
     return resolve_app_settings(context.run_config, context.run_id, explicit, runs_dir)
 
 
@@ -193,7 +192,7 @@ def make_server_app(settings: AppSettings | None = None, *, observer: RoundObser
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         resolved = settings_for(context, settings)
-        config = load_config(resolved.config_path)
+        config = app_config(context.run_config, settings)
         seed_everything(config.seed)
         run = RunDirectory(resolved.run_dir)
         run.model_dir.mkdir(parents=True, exist_ok=True)
