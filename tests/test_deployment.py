@@ -12,6 +12,8 @@ the run resumed.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import stat
 import subprocess
 import sys
@@ -306,3 +308,36 @@ def test_a_run_resumes_after_the_aggregator_is_killed_and_restarted(federation, 
     last_epsilon = {row["site"]: row["epsilon"] for row in ledger_rows(run) if row["status"] == "trained"}
     for site_id in ("site-02", "site-03"):
         assert last_epsilon[site_id] == pytest.approx(federation.spent_epsilon(site_id, first_config), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_federation_up_with_local_sites_then_federation_run_as_the_demo_does(tmp_path, capsys):
+    """The two commands of ``make demo-federation``: ``federation up --local-sites`` makes the
+    certificates and keys, starts a TLS SuperLink and enrols and starts a site process per site
+    folder; ``federation run`` submits and waits; SIGTERM stops everything, exit status 0."""
+    synthesize_dataset(tmp_path / "data", sites=3, per_site=16, size=64, seed=9, burned_in_text=0.0)
+    config_path = deployment_config(tmp_path, name="demo-like", rounds=1)
+    folder = tmp_path / "federation"
+    ports = [str(free_port()) for _ in range(3)]
+    up = spawn([sys.executable, "-m", "mammofl", "federation", "up", "--dir", str(folder), "--local-sites",
+                str(config_path), "--fleet-port", ports[0], "--control-port", ports[1], "--serverappio-port", ports[2]],
+               tmp_path / "up.log", env={**flower_environment(tmp_path / "flwr"), "PYTHONUNBUFFERED": "1"})
+    try:
+        assert main(["federation", "run", str(config_path), "--dir", str(folder), "--wait", "120",
+                     "--timeout", "900"]) == 0
+        run_root = Path(capsys.readouterr().out.split("run directory: ")[1].split()[0])
+        assert [row["sites_trained"] for row in rounds_of(RunDirectory(run_root))] == [3]
+        assert sorted(row["site"] for row in ledger_rows(RunDirectory(run_root))) == list(SITES)
+        assert "TLS, SuperNode authentication on" in (tmp_path / "up.log").read_text()
+        site_pids = [int(line.split("SuperNode pid ")[1].split(",")[0])
+                     for line in (tmp_path / "up.log").read_text().splitlines() if "SuperNode pid" in line]
+        assert len(site_pids) == 3
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+        assert "stopping the SuperLink and 3 site process(es)" in (tmp_path / "up.log").read_text()
+        for pid in site_pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        stop(up, kill=True)
