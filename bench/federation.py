@@ -1,12 +1,15 @@
-"""Deployment vs simulation on the same config: per-round wall time and bytes on the wire per site.
+"""Deployment vs simulation on the same config, with and without SecAgg+: per-round wall time
+and bytes on the wire per site.
 
 The deployment is real: a SuperLink with TLS and SuperNode authentication, and one SuperNode
 process per site on 127.0.0.1. Each site reaches the SuperLink through its own counting TCP
 relay, so the bytes are what crossed the loopback wire (TLS records of gRPC frames, polling
 and heartbeats included). The simulation moves the same messages in memory; its "bytes" are
 the model payloads it hands each site (the global model down, the update up, per round).
+The SecAgg+ runs are the same config with ``federation.secure_aggregation`` on, on the same
+SuperLink and sites; the ratio against the plain run of the same mode is SecAgg+'s overhead.
 
-    .venv/bin/python bench/federation.py [--rounds 2] [--per-site 24] [--size 64]
+    .venv/bin/python bench/federation.py [--rounds 2] [--per-site 24] [--size 64] [--no-secure-aggregation]
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class CountingRelay:
             writer.close()
 
 
-def bench_config(root: Path, rounds: int, name: str):
+def bench_config(root: Path, rounds: int, name: str, *, secure: bool = False):
     from common.config import parse_config
 
     return parse_config({
@@ -64,8 +67,9 @@ def bench_config(root: Path, rounds: int, name: str):
         "validation_split": 0.2, "model": {"image_size": 64},
         "data": {"source": "sites", "root": str(root / "data"), "cache_dir": str(root / "cache")},
         "federation": {"rounds": rounds, "local_epochs": 1, "min_train_sites": 3, "min_available_sites": 3,
-                       "fraction_evaluate": 0.0},
-        "privacy": {"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0},
+                       "fraction_evaluate": 0.0, "secure_aggregation": secure},
+        # Room for every run of the bench: the sites' state carries over from one run to the next.
+        "privacy": {"enabled": True, "target_epsilon": 8.0, "budget_epsilon": 1000.0, "max_grad_norm": 1.0},
         "tracking": {"runs_dir": str(root / name / "runs"), "wandb_mode": "disabled"},
     })
 
@@ -81,17 +85,18 @@ def model_bytes(config) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in classifier_from_config(config).state_dict().values())
 
 
-def simulation(root: Path, rounds: int) -> dict:
+def simulation(root: Path, rounds: int, *, secure: bool) -> dict:
     from simulations.federated import simulate
 
-    config = bench_config(root, rounds, "simulation")
+    config = bench_config(root, rounds, "simulation" + ("-secagg" if secure else ""), secure=secure)
     started = time.perf_counter()
     result = simulate(config, log=lambda message: None)
     return {"wall_s": time.perf_counter() - started, "round_s": round_seconds(result.run.root),
             "bytes_per_site_round": 2 * model_bytes(config)}
 
 
-def deployment(root: Path, rounds: int, sites: list[str]) -> dict:
+def deployment(root: Path, rounds: int, sites: list[str], variants: list[bool]) -> dict[bool, dict]:
+    """One deployment; a run per entry of `variants` (SecAgg+ off or on), in that order."""
     from clients.site import (
         SiteNode,
         prepare_state_dir,
@@ -115,6 +120,7 @@ def deployment(root: Path, rounds: int, sites: list[str]) -> dict:
                       serverappio_address=f"127.0.0.1:{free_port()}", ca_certificate=tls.ca_certificate, node_auth=True)
     processes = [start_superlink(link, tls)]
     relays = {}
+    results: dict[bool, dict] = {}
     try:
         for site_id in sites:
             keys = create_node_keys(folder / "secrets" / "sites", site_id)
@@ -125,19 +131,34 @@ def deployment(root: Path, rounds: int, sites: list[str]) -> dict:
                             auth_private_key=keys.private_key, clientappio_address=f"127.0.0.1:{free_port()}")
             prepare_state_dir(node)
             processes.append(spawn(supernode_command(node), folder / "logs" / f"{site_id}.log", env=site_environment(node)))
-        config_path = root / "deployment.json"
-        config_path.write_text(bench_config(root, rounds, "deployment").model_dump_json())
-        before = {site_id: relay.up + relay.down for site_id, relay in relays.items()}
-        started = time.perf_counter()
-        run, _ = run_federation(link, config_path, timeout=3600)
-        wall = time.perf_counter() - started
-        return {"wall_s": wall, "round_s": round_seconds(run.root),
-                "bytes_per_site_round": {site_id: (relay.up + relay.down - before[site_id]) / rounds
-                                         for site_id, relay in relays.items()},
-                "up_down_per_site": {site_id: (relay.up, relay.down) for site_id, relay in relays.items()}}
+        for secure in variants:
+            name = "deployment" + ("-secagg" if secure else "")
+            config_path = root / f"{name}.json"
+            config_path.write_text(bench_config(root, rounds, name, secure=secure).model_dump_json())
+            before = {site_id: (relay.up, relay.down) for site_id, relay in relays.items()}
+            started = time.perf_counter()
+            run, _ = run_federation(link, config_path, timeout=3600)
+            wall = time.perf_counter() - started
+            traffic = {site_id: (relay.up - before[site_id][0], relay.down - before[site_id][1])
+                       for site_id, relay in relays.items()}
+            results[secure] = {"wall_s": wall, "round_s": round_seconds(run.root),
+                               "bytes_per_site_round": {site_id: (up + down) / rounds
+                                                        for site_id, (up, down) in traffic.items()},
+                               "up_down_per_site": traffic}
+        return results
     finally:
         for process in processes:
             stop(process, kill=True)
+
+
+def steady_round_s(run: dict) -> float:
+    """Mean round time after round 1 (which also starts a simulation's engine and virtual sites)."""
+    rounds = run["round_s"][1:] or run["round_s"]
+    return sum(rounds) / len(rounds)
+
+
+def mean_wire(run: dict) -> float:
+    return sum(run["bytes_per_site_round"].values()) / len(run["bytes_per_site_round"])
 
 
 def main() -> None:
@@ -146,32 +167,44 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--per-site", type=int, default=24)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--no-secure-aggregation", action="store_true", help="skip the SecAgg+ runs")
     args = parser.parse_args()
+    if args.sites < 3 and not args.no_secure_aggregation:
+        parser.error("SecAgg+ needs at least 3 sites; give --sites 3 or more, or --no-secure-aggregation")
 
     from common.data.synthetic_dicom import synthesize_dataset
 
+    variants = [False] if args.no_secure_aggregation else [False, True]
     with tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
         root = Path(tmp)
         synthesize_dataset(root / "data", sites=args.sites, per_site=args.per_site, size=args.size, seed=3,
                            burned_in_text=0.0)
         sites = sorted(path.name for path in (root / "data").iterdir() if path.name.startswith("site-"))
-        simulated = simulation(root, args.rounds)
-        deployed = deployment(root, args.rounds, sites)
+        simulated = {secure: simulation(root, args.rounds, secure=secure) for secure in variants}
+        deployed = deployment(root, args.rounds, sites, variants)
 
     print(f"{args.sites} sites x {args.per_site} images at {args.size} px, smallcnn, DP-SGD, {args.rounds} rounds")
-    print(f"round seconds: simulation {simulated['round_s']}, deployment {deployed['round_s']}")
-    # Round 1 of a simulation also starts the engine and its virtual sites: the later rounds are the steady state.
-    steady = slice(1, None) if args.rounds > 1 else slice(None)
-    sim_round, dep_round = (sum(run["round_s"][steady]) / len(run["round_s"][steady]) for run in (simulated, deployed))
-    print(f"per-round wall time ({'rounds 2+' if args.rounds > 1 else 'round 1'}): simulation {sim_round:.1f} s, "
-          f"deployment {dep_round:.1f} s -> ratio {dep_round / sim_round:.2f}x")
-    print(f"whole run: simulation {simulated['wall_s']:.1f} s, deployment {deployed['wall_s']:.1f} s "
-          f"-> ratio {deployed['wall_s'] / simulated['wall_s']:.2f}x")
-    payload = simulated["bytes_per_site_round"]
-    for site_id, wire in deployed["bytes_per_site_round"].items():
-        up, down = deployed["up_down_per_site"][site_id]
-        print(f"{site_id}: {wire / 1e6:.3f} MB on the wire per round (up {up / 1e6:.3f}, down {down / 1e6:.3f} MB "
-              f"over the run) vs {payload / 1e6:.3f} MB model payload in simulation -> ratio {wire / payload:.2f}x")
+    for secure in variants:
+        label = "SecAgg+" if secure else "plain"
+        sim, dep = simulated[secure], deployed[secure]
+        print(f"[{label}] round seconds: simulation {sim['round_s']}, deployment {dep['round_s']}")
+        print(f"[{label}] per-round wall time ({'rounds 2+' if args.rounds > 1 else 'round 1'}): simulation "
+              f"{steady_round_s(sim):.1f} s, deployment {steady_round_s(dep):.1f} s "
+              f"-> ratio {steady_round_s(dep) / steady_round_s(sim):.2f}x")
+        print(f"[{label}] whole run: simulation {sim['wall_s']:.1f} s, deployment {dep['wall_s']:.1f} s "
+              f"-> ratio {dep['wall_s'] / sim['wall_s']:.2f}x")
+        payload = sim["bytes_per_site_round"]
+        for site_id, wire in dep["bytes_per_site_round"].items():
+            up, down = dep["up_down_per_site"][site_id]
+            print(f"[{label}] {site_id}: {wire / 1e6:.3f} MB on the wire per round (up {up / 1e6:.3f}, "
+                  f"down {down / 1e6:.3f} MB over the run) vs {payload / 1e6:.3f} MB model payload in simulation "
+                  f"-> ratio {wire / payload:.2f}x")
+    if True in simulated:
+        print("SecAgg+ overhead (SecAgg+ / plain, same mode, same run of this script):")
+        for mode, runs in (("simulation", simulated), ("deployment", deployed)):
+            print(f"  {mode}: per-round wall time {steady_round_s(runs[True]) / steady_round_s(runs[False]):.2f}x, "
+                  f"whole run {runs[True]['wall_s'] / runs[False]['wall_s']:.2f}x")
+        print(f"  deployment: bytes on the wire per site and round {mean_wire(deployed[True]) / mean_wire(deployed[False]):.2f}x")
 
 
 if __name__ == "__main__":
