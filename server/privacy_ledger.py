@@ -91,9 +91,11 @@ def site_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 GUARANTEE = (
     "Each site trains with DP-SGD (Opacus: per-image gradient clipping to the clipping norm, "
-    "Gaussian noise, Poisson sampling) and accounts every step it ever took in this run. For "
-    "site s with final (epsilon_s, delta): everything site s released during the run -- all of "
-    "its model updates -- is (epsilon_s, delta)-differentially private with respect to adding or "
+    "Gaussian noise, Poisson sampling) and accounts every step it ever took on its data: in this "
+    "run and, where its privacy state outlives a run (a deployed site's state folder), in earlier "
+    "runs too; the steps and rounds below are this run's. For site s with final (epsilon_s, "
+    "delta): everything site s released -- all of its model updates -- is (epsilon_s, "
+    "delta)-differentially private with respect to adding or "
     "removing any one training image of site s. This is sample-level DP at the site; it does not "
     "depend on the aggregator being honest. One patient usually contributes several images "
     f"(a screening exam has {PATIENT_IMAGES}); by group privacy a patient with k images is protected at "
