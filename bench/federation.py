@@ -43,7 +43,11 @@ class CountingRelay:
         self.loop.run_forever()
 
     async def _relay(self, site_reader, site_writer) -> None:
-        link_reader, link_writer = await asyncio.open_connection(*self.target)
+        try:
+            link_reader, link_writer = await asyncio.open_connection(*self.target)
+        except OSError:  # the SuperLink is gone: the bench is tearing the deployment down
+            site_writer.close()
+            return
         await asyncio.gather(self._pipe(site_reader, link_writer, "up"), self._pipe(link_reader, site_writer, "down"))
 
     async def _pipe(self, reader, writer, direction: str) -> None:
