@@ -133,19 +133,52 @@ def spawn(command: list[str], log_path: Path, *, env: dict[str, str]) -> subproc
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-def stop(process: subprocess.Popen, *, kill: bool = False, timeout: float = 20.0) -> None:
-    """Stop a process started by `spawn` and every child of it (SuperExec, App processes).
+def stop(process: subprocess.Popen, *, kill: bool = False, timeout: float = 20.0, grace: float = 3.0) -> None:
+    """Stop a process started by `spawn` and every process of its group (SuperExec, App processes).
 
-    The whole process group is signalled, even when its leader has already exited.
+    The whole group is signalled, even when its leader has already exited. Whatever of the
+    group is still alive `grace` seconds after the leader is gone is killed: a Flower App
+    process can hang for good at exit, flushing its logs to a SuperLink that has stopped.
     """
+    _signal_group(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
     try:
-        os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
         process.wait(timeout=timeout)
-    except ProcessLookupError:
-        return
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _signal_group(process.pid, signal.SIGKILL)
         process.wait(timeout=timeout)
+    deadline = time.monotonic() + grace
+    while _group_is_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_group(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while _group_is_alive(process.pid) and time.monotonic() < deadline:  # SIGKILL lands asynchronously
+        time.sleep(0.05)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_is_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, which only wait to be reaped, do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:

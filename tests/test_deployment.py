@@ -144,6 +144,33 @@ def test_site_run_wants_tls_or_an_explicit_insecure(tmp_path, capsys):
     assert "--root-certificates" in capsys.readouterr().err
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_also_kills_what_of_the_group_outlives_its_leader(tmp_path):
+    # As a ServerApp hung at exit (flushing logs to a SuperLink that is gone) outlived its SuperLink.
+    pid_file = tmp_path / "straggler.pid"
+    straggler = tmp_path / "straggler.py"
+    straggler.write_text("import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                         f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    leader = spawn(["bash", "-c", f"'{sys.executable}' '{straggler}' & wait"], tmp_path / "group.log", env=dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the straggler never started"
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+
+    stop(leader, grace=0.5)
+
+    assert leader.returncode is not None
+    assert not running(pid)
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
@@ -162,7 +189,8 @@ def federation(tmp_path_factory):
             loopback.wait_until_joined(site_id)
         yield loopback
     finally:
-        for process in [*loopback.sites.values(), superlink]:
+        # loopback.superlink, not superlink: a test restarts the SuperLink.
+        for process in [*loopback.sites.values(), loopback.superlink]:
             stop(process, kill=True)
 
 
