@@ -165,7 +165,7 @@ def test_stop_also_kills_what_of_the_group_outlives_its_leader(tmp_path):
         time.sleep(0.1)
     pid = int(pid_file.read_text())
 
-    stop(leader, grace=0.5)
+    stop(leader)
 
     assert leader.returncode is not None
     assert not running(pid)
