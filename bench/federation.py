@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import threading
 import time
@@ -79,8 +78,9 @@ def bench_config(root: Path, rounds: int, name: str, *, secure: bool = False):
 
 
 def round_seconds(run_root: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_root / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [row["seconds"] for row in rows if "round" in row]
+    from common.runs import RunDirectory
+
+    return [row["seconds"] for row in RunDirectory(run_root).read_metrics() if "round" in row]
 
 
 def model_bytes(config) -> int:

@@ -7,6 +7,9 @@ aggregation, central and federated evaluation); round 1 also pays for starting t
 simulated sites, so the ratio that counts is that of the later rounds.
 
     .venv/bin/python bench/secure_aggregation.py [--rounds 3] [--sites 3] [--per-site 60] [--size 64]
+
+SecAgg+'s cost in a real deployment (one process per site, TLS gRPC) is measured by
+``bench/federation.py``, beside its cost in simulation on the same small config.
 """
 
 from __future__ import annotations

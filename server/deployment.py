@@ -146,12 +146,14 @@ def stop(process: subprocess.Popen, *, kill: bool = False, timeout: float = 20.0
     except subprocess.TimeoutExpired:
         _signal_group(process.pid, signal.SIGKILL)
         process.wait(timeout=timeout)
-    deadline = time.monotonic() + grace
-    while _group_is_alive(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_for_group(process.pid, grace)
     _signal_group(process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while _group_is_alive(process.pid) and time.monotonic() < deadline:  # SIGKILL lands asynchronously
+    _wait_for_group(process.pid, timeout)  # SIGKILL lands asynchronously
+
+
+def _wait_for_group(pgid: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while _group_is_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

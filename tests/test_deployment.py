@@ -43,6 +43,7 @@ from server.deployment import (
     start_superlink,
     stop,
 )
+from server.privacy_ledger import PrivacyLedger
 
 SITES = ("site-01", "site-02", "site-03")
 JOINED = "SuperNode ID:"
@@ -195,7 +196,7 @@ def federation(tmp_path_factory):
 
 
 def ledger_rows(run: RunDirectory) -> list[dict]:
-    return [json.loads(line) for line in (run.root / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    return PrivacyLedger(run.root / "privacy").rows()
 
 
 def rounds_of(run: RunDirectory) -> list[dict]:
