@@ -132,7 +132,8 @@ def deployment(root: Path, rounds: int, sites: list[str], variants: list[bool]) 
             relays[site_id] = CountingRelay(link.fleet_address)
             node = SiteNode(site_id=site_id, data_dir=root / "data" / site_id, state_dir=folder / "state" / site_id,
                             superlink=relays[site_id].address, root_certificates=tls.ca_certificate,
-                            auth_private_key=keys.private_key, clientappio_address=f"127.0.0.1:{free_port()}")
+                            auth_private_key=keys.private_key, clientappio_address=f"127.0.0.1:{free_port()}",
+                            budget_epsilon=1000.0)
             prepare_state_dir(node)
             processes.append(spawn(supernode_command(node), folder / "logs" / f"{site_id}.log", env=site_environment(node)))
         for secure in variants:

@@ -2,8 +2,10 @@
 
 The same app runs in the simulation engine (one virtual SuperNode per site, the site chosen
 by ``partition-id``) and in a real deployment (a SuperNode per hospital, ``site-id`` and
-``data-dir`` in its node config). The images never leave the process; what leaves is the
-model update and the numbers below.
+``data-dir`` in its node config). The images never leave the process. What leaves it is
+listed in the privacy report (`server.privacy_ledger.RELEASES`): under DP only the noised model update, the number of training images
+(weights of the aggregate) and accounting metadata; validation metrics are computed on
+held-out patients only.
 
 Settings come from the run config (``config-json``: the experiment config itself, or
 ``config-path``: its file; ``run-dir``: the run directory) -- or from `AppSettings` handed to
@@ -31,7 +33,7 @@ from flwr.clientapp.typing import Mod
 from anonymize.gate import require_deidentified_file
 from anonymize.secret import load_secret
 from clients.local_training import train_site_round
-from clients.privacy import BudgetExhaustedError, SitePrivacyState
+from clients.privacy import SiteLimits, SitePrivacyState, SiteRefusal
 from common.config import ExperimentConfig
 from common.data.cbis import load_cbis_ddsm
 from common.data.partition import split_train_val
@@ -39,10 +41,11 @@ from common.data.pipeline import load_records, make_loader, site_partitions
 from common.data.records import ImageRecord
 from common.losses import build_loss
 from common.models.classifier import build_classifier
-from common.runs import AppSettings, app_config, resolve_app_settings
+from common.runs import UNIT_WEIGHT, AppSettings, app_config, resolve_app_settings
 from common.training import evaluate, seed_everything, select_device
 
 STATUS_TRAINED, STATUS_REFUSED = "trained", "refused"
+
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Site:
     train: list[ImageRecord]
     val: list[ImageRecord]
     state_dir: Path
+    limits: SiteLimits = SiteLimits()
 
 
 def load_site(context: Context, settings: AppSettings | None) -> Site:
@@ -81,7 +85,8 @@ def load_site(context: Context, settings: AppSettings | None) -> Site:
         # The decoded-image cache is the site's too: in its private state folder, not at the
         # aggregator's path the config names.
         config = config.model_copy(update={"data": config.data.model_copy(update={"cache_dir": state_dir / "image-cache"})})
-    return Site(site_id=site_id, config=config, train=train, val=val or train, state_dir=state_dir)
+    return Site(site_id=site_id, config=config, train=train, val=val, state_dir=state_dir,
+                limits=SiteLimits.from_node_config(dict(node)))
 
 
 def require_deidentified(records: list[ImageRecord], secret_file: Path | None) -> None:
@@ -102,8 +107,10 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
                   proximal_mu: float = 0.0) -> tuple[dict[str, float], dict[str, str]]:
     """Train `model` in place for one round: the metrics and the privacy row the site reports.
 
-    A site whose budget cannot afford the round refuses it: `model` stays the global model
-    (a zero update) and the row says why; the server leaves refusals out of the aggregate.
+    A site refuses a round its budget cannot afford, or one asking more than its own limits
+    allow: `model` stays the global model (a zero update) and the row says why; the server
+    leaves refusals out of the aggregate. Under DP the seed below drives nothing private
+    (dropout only): noise and sampling draw on fresh entropy.
     """
     config = site.config
     generator = seed_everything(config.seed * 1000 + server_round)
@@ -111,6 +118,7 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
         SitePrivacyState.load_or_create(site.state_dir, site.site_id, config.privacy) if config.privacy.enabled else None
     )
     try:
+        budget_epsilon, budget_bound = site.limits.require_allowed(site.site_id, config.privacy, len(site.train))
         result = train_site_round(
             model,
             site.train,
@@ -121,11 +129,16 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
             state_dir=site.state_dir,
             proximal_mu=proximal_mu,
             generator=generator,
+            budget_epsilon=budget_epsilon if config.privacy.enabled else None,
+            budget_bound=budget_bound,
         )
-    except BudgetExhaustedError as refusal:
-        return ({"num-examples": 0, "epsilon": privacy_state.spent_epsilon},
+    except SiteRefusal as refusal:
+        spent = {"epsilon": privacy_state.spent_epsilon} if privacy_state is not None else {}
+        return ({"num-examples": 0, UNIT_WEIGHT: 1, **spent},
                 {"site-id": site.site_id, "status": STATUS_REFUSED, "reason": str(refusal)})
-    metrics = {"num-examples": result.num_examples, "train_loss": result.train_loss}
+    metrics = {"num-examples": result.num_examples, UNIT_WEIGHT: 1}
+    if result.train_loss is not None:
+        metrics["train_loss"] = result.train_loss
     privacy = {"site-id": site.site_id, "status": STATUS_TRAINED}
     if result.privacy is not None:
         metrics |= {
@@ -138,6 +151,7 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
             "budget_epsilon": result.privacy.budget_epsilon,
         }
         privacy["accountant"] = result.privacy.accountant
+        privacy["budget-bound"] = result.privacy.budget_bound
     return metrics, privacy
 
 
@@ -158,11 +172,19 @@ def train(message: Message, context: Context, settings: AppSettings | None = Non
     )
 
 
+class NoHeldOutPatientsError(SiteRefusal):
+    """A site without held-out patients evaluates nothing: its training images are not a validation set."""
+
+
 def validate(site: Site, model: torch.nn.Module) -> dict[str, float]:
-    """The model's metrics on the site's validation split, keys prefixed ``val_``."""
+    """The model's metrics on the site's validation split (held-out patients), keys prefixed ``val_``."""
+    if not site.val:
+        raise NoHeldOutPatientsError(
+            f"site {site.site_id}: no held-out patients to evaluate on ({len(site.train)} training images, "
+            f"validation_split {site.config.validation_split}); it evaluates nothing rather than its training images")
     config = site.config
     device = select_device(config.device)
-    loss_fn = build_loss(config.loss, [1, 1, 1])
+    loss_fn = build_loss(config.loss, [1, 1, 1], class_weights=config.class_weights)
     metrics = evaluate(model.to(device), make_loader(site.val, config, train=False), loss_fn, device=device)
     return {f"val_{key}": value for key, value in metrics.items()}
 

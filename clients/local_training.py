@@ -4,11 +4,17 @@ Privacy is a switch on the same path: with ``privacy.enabled`` the model, optimi
 loader are wrapped by Opacus' PrivacyEngine (per-sample clipping, Gaussian noise, Poisson
 sampling) and physical batches are capped by BatchMemoryManager; everything else -- the
 loop, the loss, the FedProx step -- is shared.
+
+Under DP the noise and the Poisson sample come from fresh OS entropy each round (see
+`clients.privacy.fresh_generator`), frozen BatchNorm layers are held in eval mode (batch
+statistics would mix examples and move buffers that leave the site), and the training loss
+is not reported: it is computed from the site's images without noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +23,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
-from clients.privacy import SitePrivacyState
+from clients.privacy import SitePrivacyState, fresh_generator
 from common.config import ExperimentConfig
 from common.data.pipeline import class_counts, make_loader
 from common.data.records import ImageRecord
@@ -38,12 +44,13 @@ class PrivacyRound:
     delta: float
     budget_epsilon: float
     accountant: str
+    budget_bound: str  # "run" or "site": whose limit applied
 
 
 @dataclass(frozen=True)
 class LocalResult:
     num_examples: int
-    train_loss: float
+    train_loss: float | None  # None under DP: a noise-free statistic of the site's images
     privacy: PrivacyRound | None
 
 
@@ -64,8 +71,32 @@ def proximal_step(model: nn.Module, learning_rate: float, mu: float) -> Callable
     return step
 
 
+@contextmanager
+def frozen_batch_norms_held(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers without a trainable parameter run in eval mode, whatever model.train() says.
+
+    In train mode such a layer normalises each example with its batch's statistics (so one
+    example's gradient depends on the others, which per-example clipping cannot bound) and
+    moves its running statistics, buffers that travel in the update outside any accounting.
+    """
+    frozen = [module for module in model.modules()
+              if isinstance(module, nn.modules.batchnorm._BatchNorm)
+              and not any(parameter.requires_grad for parameter in module.parameters())]
+    handles = [module.register_forward_pre_hook(_hold_in_eval) for module in frozen]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hold_in_eval(module: nn.Module, args: tuple) -> None:
+    module.training = False
+
+
 def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim.Optimizer, loader, loss_fn: nn.Module,
-                 *, noise_multiplier: float, config: ExperimentConfig):
+                 *, noise_multiplier: float, config: ExperimentConfig,
+                 noise_generator: torch.Generator | None = None):
     """Opacus' private model, optimizer, loss and Poisson-sampled loader for this round.
 
     ``privacy.clipping`` "ghost" selects Opacus' ghost clipping: per-sample gradient norms
@@ -74,7 +105,8 @@ def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim
     the same as flat clipping: each example's whole gradient is clipped to ``max_grad_norm``.
     """
     common = {"module": model, "optimizer": optimizer, "data_loader": loader, "noise_multiplier": noise_multiplier,
-              "max_grad_norm": config.privacy.max_grad_norm, "poisson_sampling": True}
+              "max_grad_norm": config.privacy.max_grad_norm, "poisson_sampling": True,
+              "noise_generator": noise_generator}
     if config.privacy.clipping == "ghost":
         return engine.make_private(**common, criterion=loss_fn, grad_sample_mode="ghost")
     private_model, private_optimizer, private_loader = engine.make_private(**common)
@@ -92,25 +124,30 @@ def train_site_round(
     state_dir: Path | None,
     proximal_mu: float = 0.0,
     generator: torch.Generator | None = None,
+    budget_epsilon: float | None = None,
+    budget_bound: str = "run",
 ) -> LocalResult:
     """Train `model` in place for ``federation.local_epochs`` epochs on the site's records.
 
     With privacy on, the site first checks that this round fits its remaining budget
-    (raising BudgetExhaustedError if not), then trains and persists its accountant.
+    (`budget_epsilon`, else the stored one; raising BudgetExhaustedError if not), then
+    trains and persists its accountant. `generator` (shuffling, augmentation workers) is
+    ignored under DP: sampling and noise then draw on fresh entropy.
     """
     model.to(device)
     epochs = config.federation.local_epochs
     # The transfer schedule counts the site's local epochs across rounds; a frozen parameter
     # gets no gradient, so DP-SGD neither clips nor noises it (fewer dimensions, less noise).
     freeze_schedule_from_config(config).apply(model, (server_round - 1) * epochs)
-    loader = make_loader(records, config, train=True, generator=generator)
+    private = config.privacy.enabled
+    loader = make_loader(records, config, train=True, generator=fresh_generator() if private else generator)
     optimizer = build_optimizer(
         config.optimizer, model.parameters(), learning_rate=config.learning_rate, weight_decay=config.weight_decay
     )
-    loss_fn = build_loss(config.loss, class_counts(records)).to(device)
+    loss_fn = build_loss(config.loss, class_counts(records), class_weights=config.class_weights).to(device)
     after_step = proximal_step(model, config.learning_rate, proximal_mu) if proximal_mu > 0 else None
 
-    if not config.privacy.enabled:
+    if not private:
         losses = [train_one_epoch(model, loader, optimizer, loss_fn, device=device, after_step=after_step)
                   for _ in range(epochs)]
         return LocalResult(num_examples=len(records), train_loss=losses[-1], privacy=None)
@@ -121,23 +158,22 @@ def train_site_round(
     noise = privacy_state.plan_noise(
         config.privacy, sample_rate=sample_rate, planned_steps=steps * config.federation.rounds
     )
-    privacy_state.check_round(sample_rate=sample_rate, steps=steps)
+    privacy_state.check_round(sample_rate=sample_rate, steps=steps, budget_epsilon=budget_epsilon)
 
     engine = PrivacyEngine(accountant=privacy_state.accountant)
     engine.accountant.history = list(privacy_state.history)
     private_model, private_optimizer, loss_fn, private_loader = make_private(
-        engine, model, optimizer, loader, loss_fn, noise_multiplier=noise, config=config)
-    losses = []
-    for _ in range(epochs):
-        with BatchMemoryManager(
-            data_loader=private_loader,
-            max_physical_batch_size=config.privacy.max_physical_batch_size,
-            optimizer=private_optimizer,
-        ) as physical_loader:
-            losses.append(
+        engine, model, optimizer, loader, loss_fn, noise_multiplier=noise, config=config,
+        noise_generator=fresh_generator(device))
+    with frozen_batch_norms_held(model):
+        for _ in range(epochs):
+            with BatchMemoryManager(
+                data_loader=private_loader,
+                max_physical_batch_size=config.privacy.max_physical_batch_size,
+                optimizer=private_optimizer,
+            ) as physical_loader:
                 train_one_epoch(private_model, physical_loader, private_optimizer, loss_fn,
                                 device=device, after_step=after_step)
-            )
     # The wrapped module is `model` itself, already trained; only Opacus' hooks must go.
     private_model.remove_hooks()
     private_model.cleanup()
@@ -145,7 +181,7 @@ def train_site_round(
     privacy_state.save(state_dir)
     return LocalResult(
         num_examples=len(records),
-        train_loss=losses[-1],
+        train_loss=None,
         privacy=PrivacyRound(
             steps=steps,
             sample_rate=sample_rate,
@@ -155,5 +191,6 @@ def train_site_round(
             delta=privacy_state.delta,
             budget_epsilon=privacy_state.budget_epsilon,
             accountant=privacy_state.accountant,
+            budget_bound=budget_bound,
         ),
     )

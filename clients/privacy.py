@@ -6,6 +6,15 @@ accountant's full history -- (noise multiplier, sample rate, steps) per stretch 
 training -- is written to the site's state directory after every round and fed back into
 a fresh accountant before the next, so the epsilon is that of everything the site has
 ever released in this run.
+
+Two things the guarantee needs that the accountant does not see:
+
+- **Secret randomness.** The Gaussian noise and the Poisson sample of every round come from
+  generators seeded with fresh operating-system entropy (`fresh_generator`), never from the
+  config's seed, which the aggregator wrote and knows; nothing stores those seeds.
+- **The site's own limits.** A deployed site's operator sets its budget, its largest delta
+  and whether it trains without DP at all (`SiteLimits`, from ``mammofl site run``); a run
+  config may ask for less, never for more.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -25,8 +35,80 @@ from common.errors import MammoflError
 STATE_FILE = "privacy_state.json"
 
 
-class BudgetExhaustedError(MammoflError):
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class SiteRefusal(MammoflError):
+    """A site declines a round: its message is the reason the ledger records."""
+
+
+class BudgetExhaustedError(SiteRefusal):
     """Training one more round would take a site past its (epsilon, delta) budget."""
+
+
+def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from 64 bits of operating-system entropy, for DP noise or sampling.
+
+    Seeded anew for every round and never written down, so the aggregator (who knows the
+    config seed) cannot predict, reproduce or cancel a site's noise. Torch's generators are
+    not cryptographic (Mersenne Twister on the CPU, Philox on CUDA); the residual risks are
+    in the privacy report.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return generator
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """What the site's own operator allows, whatever a run config asks.
+
+    In simulation the run config is the sites' own (one operator plays every part): no
+    limits. A deployed site takes them from ``mammofl site run`` (node config keys
+    ``budget-epsilon``, ``max-delta``, ``allow-non-private``); without a budget it refuses
+    every private run, and it refuses non-private runs unless allowed.
+    """
+
+    deployed: bool = False
+    budget_epsilon: float | None = None
+    max_delta: float | None = None
+    allow_non_private: bool = True
+
+    @classmethod
+    def from_node_config(cls, node: dict) -> "SiteLimits":
+        if "data-dir" not in node:
+            return cls()
+        budget, delta = node.get("budget-epsilon"), node.get("max-delta")
+        return cls(deployed=True, budget_epsilon=float(budget) if budget is not None else None,
+                   max_delta=float(delta) if delta is not None else None,
+                   allow_non_private=str(node.get("allow-non-private", "false")).lower() == "true")
+
+    def require_allowed(self, site_id: str, privacy: PrivacyConfig, num_images: int) -> tuple[float, str]:
+        """The epsilon this run may take the site to and which bound set it ("run" or "site").
+
+        Raises SiteRefusal when the run asks for more than the site allows.
+        """
+        if not privacy.enabled:
+            if not self.allow_non_private:
+                raise SiteRefusal(f"site {site_id}: the run asks for training without DP, which this site does "
+                                  "not allow (mammofl site run --allow-non-private)")
+            return float("inf"), "run"
+        if privacy.target_delta >= 1.0 / (10 * num_images):
+            raise SiteRefusal(f"site {site_id}: delta {privacy.target_delta:g} is not below 1/(10 n) = "
+                              f"{1 / (10 * num_images):.2g} for its {num_images} training images; a smaller delta is needed")
+        run_budget = privacy.budget_for(site_id)
+        if not self.deployed:
+            return run_budget, "run"
+        if self.budget_epsilon is None:
+            raise SiteRefusal(f"site {site_id}: no budget of its own is set (mammofl site run --budget-epsilon), "
+                              "so it trains no private run")
+        if self.max_delta is not None and privacy.target_delta > self.max_delta:
+            raise SiteRefusal(f"site {site_id}: the run asks delta {privacy.target_delta:g}, above the site's "
+                              f"maximum {self.max_delta:g}")
+        if run_budget > self.budget_epsilon:
+            raise SiteRefusal(f"site {site_id}: the run asks a budget of epsilon {run_budget:g}, above the site's "
+                              f"own {self.budget_epsilon:g}")
+        return run_budget, "run" if run_budget < self.budget_epsilon else "site"
 
 
 Stretch = tuple[float, float, int]
@@ -60,6 +142,9 @@ class SitePrivacyState:
         path = state_dir / STATE_FILE
         if path.exists():
             state = cls(**json.loads(path.read_text()))
+            if state.accountant not in ACCOUNTANTS:
+                raise MammoflError(f"{path}: accountant {state.accountant!r} is not offered (valid: "
+                                   f"{', '.join(ACCOUNTANTS)}); its epsilon cannot be trusted, so the site stops")
             state.history = [tuple(stretch) for stretch in state.history]
             return state
         return cls(
@@ -98,9 +183,15 @@ class SitePrivacyState:
             )
         return self.noise_multiplier
 
-    def check_round(self, *, sample_rate: float, steps: int) -> float:
-        """The epsilon after a round of `steps` more steps; raises if it would pass the budget."""
+    def check_round(self, *, sample_rate: float, steps: int, budget_epsilon: float | None = None) -> float:
+        """The epsilon after a round of `steps` more steps; raises if it would pass the budget.
+
+        `budget_epsilon` is this run's limit (see `SiteLimits.require_allowed`); it replaces
+        the stored one, so a site's operator can lower its budget between runs.
+        """
         assert self.noise_multiplier is not None, "plan_noise() first"
+        if budget_epsilon is not None:
+            self.budget_epsilon = budget_epsilon
         projected = epsilon_of(
             [*self.history, (self.noise_multiplier, sample_rate, steps)], accountant=self.accountant, delta=self.delta
         )

@@ -7,12 +7,13 @@ and adds the pairwise and private masks. What the site trains is exactly what th
 API app trains (`train_locally`: same site, same DP-SGD, same privacy state on disk).
 
 What travels in clear: the fit metrics -- the privacy row (site id, status, epsilon, steps,
-noise, sample rate) and the training loss -- and the number of examples is masked along
-with the parameters. None of the clear numbers is secret: the ledger publishes them anyway.
+noise, sample rate); no training loss under DP. The number of examples is masked along with
+the parameters, but the clear sample rate (batch size / images) reveals it anyway.
 
 A site whose budget cannot afford the round does not drop out of the protocol: it reports
 the refusal and ``num_examples = 0``, so its masked vector carries zero weight and the sum
-is that of the sites that trained. Dropping out would cost the other sites a mask
+is that of the sites that trained. Under client-level DP every site weighs 1 (a refusal
+is a zero update), since the noise is sized for a mean over every sampled site. Dropping out would cost the other sites a mask
 reconstruction and would lose the refusal's reason; a site that fails (an exception) does
 drop out, and the protocol recovers its masks while enough sites (the threshold) remain.
 """
@@ -36,7 +37,7 @@ from clients.client_app import (
     validate,
 )
 from common.models.classifier import build_classifier
-from common.runs import AppSettings
+from common.runs import UNIT_WEIGHT, AppSettings
 
 
 def model_with(site: Site, parameters: NDArrays) -> torch.nn.Module:
@@ -69,6 +70,10 @@ class SecureSite(NumPyClient):
         metrics, privacy = train_locally(self.site, model, int(config["server-round"]),
                                          proximal_mu=float(config.get("proximal-mu", 0.0)))
         num_examples = int(metrics.pop("num-examples"))
+        if self.site.config.federation.client_dp.mode != "off":
+            # Client-level DP noises an unweighted mean over every sampled site: a refusal
+            # (the global model echoed, a zero update) counts with weight 1 too.
+            num_examples = int(metrics[UNIT_WEIGHT])
         return parameters_of(model), num_examples, {**metrics, **privacy}
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:

@@ -8,6 +8,10 @@ node config tells our ClientApp who the site is and where its two folders are:
 - ``state-dir``: the site's own state, ``privacy_state.json`` above all: the accountant
   history of every round the site ever trained and its budget. It outlives the process, so
   a restarted site keeps its spent epsilon and still refuses rounds beyond its budget.
+- ``budget-epsilon``, ``max-delta``, ``allow-non-private``: the site's own privacy limits
+  (`clients.privacy.SiteLimits`). The aggregator sends the run config, so its budget is only
+  a request: the site refuses a run asking a larger epsilon or delta than its own, or (unless
+  allowed) training without DP.
 - ``deidentification-secret`` (optional): the keyed secret the site de-identified its
   images with; the ClientApp's gate checks the images against it when the config asks
   (``data.require_deidentified``). Without it the config's ``data.deidentification_secret``
@@ -42,13 +46,17 @@ class SiteNode:
     superlink: str
     root_certificates: Path | None
     auth_private_key: Path | None
+    budget_epsilon: float
+    max_delta: float = 1e-5
+    allow_non_private: bool = False
     clientappio_address: str = "127.0.0.1:9094"
     deidentification_secret: Path | None = None
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what ``load_site`` reads in the ClientApp."""
         config = (f'site-id="{self.site_id}" data-dir="{self.data_dir.resolve()}" '
-                  f'state-dir="{self.state_dir.resolve()}"')
+                  f'state-dir="{self.state_dir.resolve()}" budget-epsilon={self.budget_epsilon!r} '
+                  f'max-delta={self.max_delta!r} allow-non-private="{str(self.allow_non_private).lower()}"')
         if self.deidentification_secret is not None:
             config += f' deidentification-secret="{self.deidentification_secret.resolve()}"'
         return config
@@ -69,6 +77,9 @@ def check_site(node: SiteNode) -> int:
     for path in (node.root_certificates, node.auth_private_key, node.deidentification_secret):
         if path is not None and not path.is_file():
             raise ConfigError(f"site {node.site_id}: {path} does not exist")
+    if not node.budget_epsilon > 0 or not 0 < node.max_delta < 1:
+        raise ConfigError(f"site {node.site_id}: --budget-epsilon must be > 0 and --max-delta in (0, 1); got "
+                          f"{node.budget_epsilon:g} and {node.max_delta:g}")
     if '"' in node.site_id or not node.site_id.strip():
         raise ConfigError(f"--site-id {node.site_id!r}: give a non-empty name without quotes")
     for path in (node.data_dir, node.state_dir, node.deidentification_secret):

@@ -216,6 +216,8 @@ class ClientDPConfig(Section):
     clipping_norm: float = Field(default=10.0, gt=0.0)
     # Adaptive modes: noise on the count of clipped updates (None: Flower's sampled sites / 20).
     clipped_count_stddev: float | None = Field(default=None, gt=0.0)
+    # The delta of the client-level (epsilon, delta) the privacy report computes.
+    target_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
 
 
 class FederationConfig(Section):
@@ -230,6 +232,13 @@ class FederationConfig(Section):
     server_learning_rate: float = Field(default=0.01, gt=0.0)
     client_dp: ClientDPConfig = ClientDPConfig()
     secure_aggregation: bool = False
+
+    @model_validator(mode="after")
+    def _client_dp_needs_a_mean(self) -> FederationConfig:
+        if self.client_dp.mode != "off" and self.strategy == "fedadam":
+            raise ValueError("federation.client_dp noises a mean of the sites' updates, which FedAdam's server "
+                             "optimiser is not; use strategy 'fedavg' or 'fedprox'")
+        return self
 
     @model_validator(mode="after")
     def _secure_aggregation_hides_the_updates(self) -> FederationConfig:
@@ -260,12 +269,22 @@ class PrivacyConfig(Section):
     target_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     noise_multiplier: float | None = Field(default=None, gt=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    accountant: Literal["rdp", "prv"] = "rdp"
     budget_epsilon: float | None = Field(default=None, gt=0.0)
     site_budgets: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
     on_budget_exhausted: Literal["continue", "stop"] = "continue"
     max_physical_batch_size: int = Field(default=64, ge=1)
     clipping: Literal["flat", "ghost"] = "flat"
+
+    @field_validator("accountant", mode="before")
+    @classmethod
+    def _no_gdp(cls, value: Any) -> Any:
+        if value == "gdp":
+            # Opacus' GDP accountant reads only the last entry of a history (a site's earlier
+            # rounds vanish) and is a central-limit approximation that under-reports epsilon.
+            raise ValueError("accountant 'gdp' is not offered: Opacus' GDP accountant composes only the last "
+                             "round and its central-limit approximation under-reports epsilon; use 'rdp' or 'prv'")
+        return value
 
     @model_validator(mode="after")
     def _noise_and_budget(self) -> "PrivacyConfig":
@@ -387,6 +406,9 @@ class ExperimentConfig(Section):
     num_workers: int = Field(default=4, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     loss: Literal["cross_entropy", "weighted_cross_entropy", "focal"] = "cross_entropy"
+    # Public per-class loss weights (normal, benign, malignant) for weighted_cross_entropy and
+    # focal; without them weighted_cross_entropy weighs by the training labels' frequencies.
+    class_weights: tuple[Annotated[float, Field(ge=0.0)], ...] | None = None
     metrics: tuple[Literal[METRIC_NAMES], ...] = ("accuracy",)  # type: ignore[valid-type]
     encoder: Literal[ENCODER_NAMES] = "smallcnn"  # type: ignore[valid-type]
     validation_split: float = Field(default=0.2, ge=0.0, lt=1.0)
@@ -417,6 +439,44 @@ class ExperimentConfig(Section):
         if duplicated:
             raise ValueError(f"at most one callback of each class; repeated: {', '.join(duplicated)}")
         return value
+
+    @field_validator("class_weights")
+    @classmethod
+    def _one_weight_per_class(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (len(value) != 3 or not any(value)):
+            raise ValueError("class_weights needs 3 non-negative weights (normal, benign, malignant), not all 0")
+        return value
+
+    @model_validator(mode="after")
+    def _private_training_releases_only_what_is_accounted(self) -> "ExperimentConfig":
+        """Under DP-SGD nothing a site computes from its data may leave it outside the accountant."""
+        if not self.privacy.enabled:
+            return self
+        if self.loss == "weighted_cross_entropy" and self.class_weights is None:
+            raise ValueError(
+                "loss 'weighted_cross_entropy' with privacy.enabled needs public class_weights (3 numbers): "
+                "weights taken from a site's own label counts are an unaccounted release of its data")
+        local_epochs = self.federation.rounds * self.federation.local_epochs
+        if self.norm == "batch" and self.model.freeze.head_only_epochs < local_epochs:
+            raise ValueError(
+                "model.norm 'batch' with privacy.enabled: BatchNorm mixes the examples of a batch and its "
+                "running statistics leave the site unaccounted; use norm 'group' (or 'auto'), or freeze the "
+                f"encoder for the whole run (model.freeze.head_only_epochs >= {local_epochs}, "
+                "rounds x local_epochs), which holds its BatchNorm layers fixed")
+        monitors = [self.checkpoint.monitor] + ([self.early_stopping.monitor] if self.early_stopping else [])
+        if self.training == "federated" and any(monitor.startswith("train_") for monitor in monitors):
+            raise ValueError(
+                f"callbacks monitor {', '.join(m for m in monitors if m.startswith('train_'))}: a private site does "
+                "not release its training metrics; monitor a val_ metric (held-out patients) instead")
+        return self
+
+    @model_validator(mode="after")
+    def _federated_evaluation_needs_held_out_patients(self) -> "ExperimentConfig":
+        if self.training == "federated" and self.federation.fraction_evaluate > 0 and self.validation_split == 0:
+            raise ValueError(
+                "federation.fraction_evaluate > 0 with validation_split 0: the sites would evaluate on their "
+                "training images; set validation_split > 0 (held-out patients) or fraction_evaluate to 0")
+        return self
 
     @property
     def checkpoint(self) -> ModelCheckpointConfig:

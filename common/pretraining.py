@@ -54,11 +54,14 @@ def pretrain_autoencoder(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = False,
+    source: str = "training-data",
+    source_detail: str = "",
 ) -> PretrainResult:
     """Train a `ConvAutoencoder` on `dataset` ((image [1, S, S] in [0, 1], label) items) with
     Adam and pixel MSE, then write its encoder to `out_path`.
 
     Seeds every generator from `seed`: on the CPU two runs give identical losses and weights.
+    `source` is what `dataset` is ("public" or "training-data"), recorded in the file.
     """
     if epochs < 1:
         raise ConfigError(f"pretraining.epochs {epochs} is invalid; valid: an integer >= 1")
@@ -83,5 +86,5 @@ def pretrain_autoencoder(
             device=device, progress=progress, description=f"pretrain {epoch}/{epochs}",
         )
         losses.append(loss)
-    save_encoder(model, out_path)
+    save_encoder(model, out_path, source=source, detail=source_detail)
     return PretrainResult(out_path=Path(out_path), epochs=epochs, final_loss=losses[-1], losses=tuple(losses))

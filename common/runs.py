@@ -110,6 +110,10 @@ class AppSettings:
     run_dir: Path
 
 
+UNIT_WEIGHT = "unit-weight"
+"""A metric every site reply carries as 1: the weight of an unweighted mean (client-level DP
+aggregates sites, not images)."""
+
 CONFIG_JSON = "config-json"
 
 

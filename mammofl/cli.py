@@ -133,6 +133,9 @@ def _privacy_report(args: argparse.Namespace) -> int:
     report = write_report(PrivacyLedger(args.run_dir / "privacy"))
     for site in report["sites"]:
         print(f"{site['site']}: epsilon {site['epsilon']:.4f} (budget {site['budget_epsilon']}, delta {site['delta']})")
+    if report["client_level"] is not None:
+        client_level = report["client_level"]
+        print(f"client level ({client_level['mode']}): epsilon {client_level['epsilon']:.4f}, delta {client_level['delta']}")
     print(f"wrote {args.run_dir / 'privacy' / 'report.md'}")
     return 0
 

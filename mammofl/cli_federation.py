@@ -36,7 +36,9 @@ def _site_run(args: argparse.Namespace) -> int:
                     state_dir=args.state_dir or args.data.parent / f"{args.site_id}-state",
                     root_certificates=args.root_certificates, auth_private_key=args.auth_key,
                     clientappio_address=args.clientappio_address,
-                    deidentification_secret=args.deidentification_secret)
+                    deidentification_secret=args.deidentification_secret,
+                    budget_epsilon=args.budget_epsilon, max_delta=args.max_delta,
+                    allow_non_private=args.allow_non_private)
     return run_site(node)
 
 
@@ -125,7 +127,10 @@ def _start_local_sites(deployment, config_path: Path, tls, processes: list) -> N
             keys = create_node_keys(keys.private_key.parent, site_id)
         if deployment.node_auth:
             enrol_site(deployment, keys.public_key)
+        # The loopback demo plays every part: each site allows what the config asks of it.
         node = SiteNode(site_id=site_id, data_dir=(config.data.root / site_id).resolve(),
+                        budget_epsilon=config.privacy.budget_for(site_id) if config.privacy.enabled else 1.0,
+                        max_delta=config.privacy.target_delta, allow_non_private=not config.privacy.enabled,
                         state_dir=deployment.folder / "sites" / site_id / "state",
                         superlink=deployment.fleet_address, root_certificates=tls.ca_certificate if tls else None,
                         auth_private_key=keys.private_key if deployment.node_auth else None,
@@ -175,6 +180,13 @@ def add_commands(commands) -> None:
     run_site.add_argument("--insecure", action="store_true", help="plaintext gRPC (tests on one machine only)")
     run_site.add_argument("--auth-key", type=Path, help="the site's private key (its public key enrolled at the aggregator)")
     run_site.add_argument("--state-dir", type=Path, help="the site's state folder (default DATA/../<site-id>-state)")
+    run_site.add_argument("--budget-epsilon", type=float, required=True,
+                          help="the site's own privacy budget: the largest epsilon its images may ever be spent to, "
+                               "over every run (a run asking more is refused)")
+    run_site.add_argument("--max-delta", type=float, default=1e-5,
+                          help="the largest delta a run may ask of this site (default 1e-5)")
+    run_site.add_argument("--allow-non-private", action="store_true",
+                          help="also train runs without DP-SGD (their updates are not differentially private)")
     run_site.add_argument("--deidentification-secret", type=Path, metavar="SECRET_FILE",
                           help="the secret this site de-identified its images with (`mammofl anonymize "
                           "--secret-file`); the gate checks the images against it when a run's config asks")

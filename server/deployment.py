@@ -272,6 +272,10 @@ def prepare_run_directory(config_path: Path | None, *, resume: Path | None) -> R
             raise ConfigError(f"--resume {resume}: not a run directory (no config.json)")
         return RunDirectory(resume.resolve())
     config = _with_absolute_paths(load_config(config_path))
+    if config.model.pretrained is not None:
+        from common.models.transfer import require_site_free_weights  # torch: only when weights are named
+
+        require_site_free_weights(config.model.pretrained)
     run = RunDirectory.create(config.tracking.runs_dir, config.name)
     run.write_config(config)
     return run

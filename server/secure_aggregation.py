@@ -59,6 +59,7 @@ from common.config import ExperimentConfig, FederationConfig
 from common.errors import ConfigError
 from common.runs import RunDirectory
 from server.server_app import Federation, RoundObserver, RoundReplies, ledger_row
+from server.strategy import sampled_per_round
 
 MAX_SITE_EXAMPLES = 10_000
 """SecAgg+'s ``max_weight``: the most training images one site may hold (CBIS-DDSM has about
@@ -80,7 +81,7 @@ def weighted_average(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, 
 
 def sampled_sites(federation: FederationConfig, num_sites: int) -> int:
     """How many sites a round samples (legacy FedAvg's rule); SecAgg+ needs at least three."""
-    sampled = max(int(num_sites * federation.fraction_train), min(federation.min_train_sites, num_sites))
+    sampled = sampled_per_round(federation, num_sites)
     if sampled < 3:
         raise ConfigError(
             f"federation.secure_aggregation needs at least 3 sites per round, but {num_sites} site(s) at "

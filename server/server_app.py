@@ -28,6 +28,7 @@ from common.data.records import CLASS_NAMES
 from common.losses import build_loss
 from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config
+from common.models.transfer import require_site_free_weights
 from common.runs import AppSettings, RunDirectory, app_config, resolve_app_settings
 from common.training import evaluate, seed_everything, select_device
 from server.compression import check_compression, compress_run
@@ -76,8 +77,9 @@ def ledger_row(server_round: int, metrics: Mapping[str, Any], privacy: Mapping[s
     row = {"site": str(privacy["site-id"]), "round": server_round, "status": str(privacy["status"])}
     row |= {key: metrics[key] for key in ("steps", "sample_rate", "noise_multiplier", "max_grad_norm",
                                           "epsilon", "delta", "budget_epsilon") if key in metrics}
-    if "accountant" in privacy:
-        row["accountant"] = str(privacy["accountant"])
+    for key in ("accountant", "budget-bound"):
+        if key in privacy:
+            row[key.replace("-", "_")] = str(privacy[key])
     if row["status"] == "refused":
         row["reason"] = str(privacy["reason"])
     return row
@@ -102,6 +104,8 @@ class Federation:
         config = self.config
         if config.compression.enabled:
             check_compression(config, config.compression)  # a bad request fails before any round is spent
+        if config.model.pretrained is not None:
+            self.ledger.record_pretrained(require_site_free_weights(config.model.pretrained))
         model, start_round = self._initial_model()
         arrays = ArrayRecord(model.state_dict())
         self.connect()
@@ -116,6 +120,7 @@ class Federation:
                 break
             if aggregated is not None:
                 arrays = aggregated
+                self._record_client_level(server_round, outcome)
             model.load_state_dict(arrays.to_torch_state_dict())
             metrics = {"train_loss": train_loss, **outcome.counts}
             metrics |= {f"test_{k}": v for k, v in evaluate(model, self.test_loader, self.loss_fn, device=self.device).items()}
@@ -126,7 +131,7 @@ class Federation:
             if outcome.counts["sites_refused"] and config.privacy.on_budget_exhausted == "stop":
                 self.log(f"round {server_round}: a site's budget is exhausted and privacy.on_budget_exhausted is 'stop'")
                 break
-        if config.privacy.enabled and self.ledger.path.exists():
+        if (config.privacy.enabled or config.federation.client_dp.mode != "off") and self.ledger.path.exists():
             write_report(self.ledger)
         if config.compression.enabled and last_metrics:
             compress_run(self.run.root, config.compression, log=self.log)
@@ -146,6 +151,16 @@ class Federation:
             return None, float("nan"), outcome
         aggregated, train_metrics = self.strategy.aggregate_train(server_round, outcome.trained)
         return aggregated, _metric(train_metrics, "train_loss"), outcome
+
+    def _record_client_level(self, server_round: int, outcome: RoundReplies) -> None:
+        """The client-level DP release of a round: the aggregator noised the mean of the sampled sites."""
+        client_dp = self.config.federation.client_dp
+        if client_dp.mode == "off":
+            return
+        self.ledger.append_client_level({
+            "round": server_round, "mode": client_dp.mode, "noise_multiplier": client_dp.noise_multiplier,
+            "clipping_norm": client_dp.clipping_norm, "delta": client_dp.target_delta,
+            "sampled": len(outcome.ledger_rows), "aggregated": outcome.counts["sites_trained"]})
 
     def _initial_model(self) -> tuple[torch.nn.Module, int]:
         """The global model to start from: the last round's on resume, else the configured one."""

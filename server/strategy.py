@@ -4,10 +4,20 @@ FedAvg, FedProx and FedAdam are weighted by each site's number of training examp
 (Flower's ``num-examples`` key). Client-level DP wraps the strategy with Flower's clipping
 wrappers: it bounds what one whole site's update can change, a guarantee about sites,
 on top of the per-image DP-SGD each site runs itself.
+
+Flower's wrappers size the noise for sensitivity C / m, m the number of sampled sites, which
+holds only for an unweighted mean over all m: under client-level DP the mean is unweighted
+(every reply's ``unit-weight`` is 1) and `MeanOverSampledSites` counts a site that refused or
+failed as a zero update, so the denominator never drops below the m the noise assumes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -21,6 +31,7 @@ from flwr.serverapp.strategy import (
 
 from common.config import FederationConfig
 from common.errors import ConfigError
+from common.runs import UNIT_WEIGHT
 
 CLIENT_DP_WRAPPERS = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
@@ -30,14 +41,69 @@ CLIENT_DP_WRAPPERS = {
 }
 
 
+def sampled_per_round(federation: FederationConfig, num_sites: int) -> int:
+    """How many sites Flower's strategies sample a round: int(fraction x sites), at least the minimum."""
+    return max(int(federation.fraction_train * num_sites), min(federation.min_train_sites, num_sites))
+
+
+def scaled_update(aggregated: ArrayRecord, start: ArrayRecord, factor: float) -> ArrayRecord:
+    """start + factor x (aggregated - start), array by array (integer buffers are left as aggregated)."""
+    scaled = {}
+    for (name, after), before in zip(aggregated.items(), start.to_numpy_ndarrays(), strict=True):
+        values = after.numpy()
+        if np.issubdtype(values.dtype, np.floating):
+            values = (before + factor * (values - before)).astype(values.dtype)
+        scaled[name] = Array(np.asarray(values))
+    return ArrayRecord(scaled)
+
+
+class MeanOverSampledSites(Strategy):
+    """The inner strategy's mean taken over every sampled site, a missing reply counting as a zero update.
+
+    With k of m sampled sites aggregated, the mean's step from the global model is scaled by
+    k / m: one site then moves the aggregate by at most C / m, what the noise is sized for.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.arrays: ArrayRecord | None = None
+        self.sampled = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self.arrays, self.sampled = arrays, len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
+        if aggregated is None or self.arrays is None or len(replies) >= self.sampled:
+            return aggregated, metrics
+        return scaled_update(aggregated, self.arrays, len(replies) / self.sampled), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
 def build_strategy(federation: FederationConfig, *, num_sites: int) -> Strategy:
     """The configured strategy over `num_sites` sites, with client-level DP if asked."""
+    client_dp = federation.client_dp
     common = dict(
         fraction_train=federation.fraction_train,
         fraction_evaluate=federation.fraction_evaluate,
         min_train_nodes=min(federation.min_train_sites, num_sites),
         min_evaluate_nodes=min(federation.min_train_sites, num_sites) if federation.fraction_evaluate else 0,
         min_available_nodes=min(federation.min_available_sites, num_sites),
+        weighted_by_key=UNIT_WEIGHT if client_dp.mode != "off" else "num-examples",
     )
     if federation.strategy == "fedprox":
         strategy: Strategy = FedProx(proximal_mu=federation.proximal_mu, **common)
@@ -45,10 +111,10 @@ def build_strategy(federation: FederationConfig, *, num_sites: int) -> Strategy:
         strategy = FedAdam(eta=federation.server_learning_rate, **common)
     else:
         strategy = FedAvg(**common)
-    client_dp = federation.client_dp
     if client_dp.mode == "off":
         return strategy
-    sampled = max(round(federation.fraction_train * num_sites), common["min_train_nodes"])
+    strategy = MeanOverSampledSites(strategy)
+    sampled = sampled_per_round(federation, num_sites)
     wrapper = CLIENT_DP_WRAPPERS[client_dp.mode]
     if client_dp.mode.endswith("fixed"):
         return wrapper(strategy, noise_multiplier=client_dp.noise_multiplier,

@@ -19,6 +19,7 @@ from clients.client_app import make_client_app
 from common.config import ExperimentConfig
 from common.data.pipeline import load_records, site_partitions
 from common.errors import ConfigError
+from common.models.transfer import require_site_free_weights
 from common.runs import AppSettings, RunDirectory
 from server.compression import check_compression
 from server.secure_aggregation import sampled_sites
@@ -36,6 +37,8 @@ def simulate(config: ExperimentConfig, *, resume: Path | None = None, log=print)
     """Run (or resume) the federated simulation the config describes."""
     if config.compression.enabled:
         check_compression(config, config.compression)
+    if config.model.pretrained is not None:
+        require_site_free_weights(config.model.pretrained)  # before a site image is read
     records = load_records(config.data)  # generates synthetic data before any site starts
     sites = site_partitions(records, config)
     if len(sites) < config.federation.min_available_sites:

@@ -43,7 +43,16 @@ def pretrain_from_config(config: ExperimentConfig, *, out_path: Path | None = No
         device=select_device(config.device),
         num_workers=config.num_workers,
         progress=progress,
+        source=config.pretraining.source,
+        source_detail=_pool_description(config),
     )
+
+
+def _pool_description(config: ExperimentConfig) -> str:
+    if config.pretraining.source == "public":
+        public = config.pretraining.public
+        return f"synthetic public stand-in set, seed {public.seed}, {public.per_site} images, in {config.pretraining.public_root}"
+    return f"training split of {config.data.source} data in {config.data.root}"
 
 
 def _pretraining_pool(config: ExperimentConfig, *, progress: bool) -> list[ImageRecord]:

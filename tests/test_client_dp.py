@@ -5,14 +5,19 @@ has norm at most C, so the global model after round 1 lies within C of the initi
 epochs of unclipped training move it far more (checked too), so the test sees the wrapper act.
 """
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import Strategy
 
 from common.errors import ConfigError
 from common.models.classifier import load_checkpoint
 from common.models.configured import classifier_from_config
 from common.training import seed_everything
-from server.strategy import build_strategy
+from common.runs import UNIT_WEIGHT
+from server.privacy_ledger import client_level_summary
+from server.strategy import MeanOverSampledSites, build_strategy
 from simulations.federated import simulate
 from tests.test_federated import federated_config
 
@@ -69,3 +74,68 @@ def test_adaptive_clipping_that_cannot_afford_its_noise_is_a_config_error_naming
 
     with pytest.raises(ConfigError, match="clipped_count_stddev to at least 0.35"):
         build_strategy(config.federation, num_sites=3)
+
+
+def test_the_noise_is_sized_for_the_sites_flower_actually_samples_and_the_mean_is_unweighted(tmp_path):
+    # 0.7 x 5 sites: Flower samples int(3.5) = 3; sizing the noise for round(3.5) = 4 would be too little.
+    config = federated_config(tmp_path, federation={"fraction_train": 0.7, "min_train_sites": 1, "client_dp": {
+        "mode": "server-fixed", "noise_multiplier": 1.0, "clipping_norm": 1.0}})
+
+    strategy = build_strategy(config.federation, num_sites=5)
+
+    assert strategy.num_sampled_clients == 3
+    assert isinstance(strategy.strategy, MeanOverSampledSites)
+    assert strategy.strategy.strategy.weighted_by_key == UNIT_WEIGHT
+
+
+class FixedMean(Strategy):
+    """A stand-in inner strategy (pure logic): samples three sites, 'aggregates' to a fixed model."""
+
+    def __init__(self, aggregate):
+        self.aggregate = aggregate
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return ["message"] * 3
+
+    def aggregate_train(self, server_round, replies):
+        return self.aggregate, None
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+    def summary(self):
+        pass
+
+
+def test_a_site_missing_from_the_mean_counts_as_a_zero_update():
+    start = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32)), "n": Array(np.array([7]))})
+    mean_of_two = ArrayRecord({"w": Array(np.full(4, 3.0, dtype=np.float32)), "n": Array(np.array([9]))})
+    strategy = MeanOverSampledSites(FixedMean(mean_of_two))
+    strategy.configure_train(1, start, ConfigRecord({}), grid=None)
+
+    aggregated, _ = strategy.aggregate_train(1, ["reply-a", "reply-b"])  # the third site refused or failed
+
+    assert aggregated["w"].numpy().tolist() == [2.0] * 4  # (3 + 3 + 0) / 3
+    assert aggregated["n"].numpy().tolist() == [9]  # integer buffers are not means
+    full, _ = strategy.aggregate_train(1, ["a", "b", "c"])
+    assert full["w"].numpy().tolist() == [3.0] * 4
+
+
+@pytest.mark.parametrize("noise, rounds", [(1.0, 3), (0.7, 10), (2.5, 50)])
+def test_the_client_level_epsilon_matches_dp_accounting(noise, rounds):
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+    from opacus.accountants import RDPAccountant
+
+    rows = [{"round": r, "mode": "server-fixed", "noise_multiplier": noise, "clipping_norm": 1.0, "delta": 1e-5,
+             "sampled": 3, "aggregated": 3} for r in range(1, rounds + 1)]
+    reference = RdpAccountant(RDPAccountant.DEFAULT_ALPHAS)
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise), rounds))
+
+    summary = client_level_summary(rows)
+
+    assert summary["epsilon"] == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
+    assert summary["rounds"] == list(range(1, rounds + 1))

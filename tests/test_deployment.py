@@ -85,9 +85,10 @@ class LoopbackFederation:
         return self.root / "logs" / f"{site_id}.log"
 
     def start_site(self, site_id: str, *, data_of: str | None = None, auth_key: Path | None = None,
-                   plaintext: bool = False) -> subprocess.Popen:
-        """``mammofl site run`` in its own process, as a hospital starts it."""
+                   plaintext: bool = False, budget_epsilon: float = 100.0) -> subprocess.Popen:
+        """``mammofl site run`` in its own process, as a hospital starts it, with its own budget."""
         command = [sys.executable, "-m", "mammofl", "site", "run", "--site-id", site_id,
+                   "--budget-epsilon", str(budget_epsilon),
                    "--data", str(self.root / "data" / (data_of or site_id)), "--superlink", self.deployment.fleet_address,
                    "--state-dir", str(self.state_dir(site_id)), "--clientappio-address", f"127.0.0.1:{free_port()}"]
         # Flower itself refuses an authentication key over plaintext, so a plaintext site brings none.
@@ -141,7 +142,8 @@ def test_certs_create_on_the_command_line_writes_the_tls_files_and_site_keys(tmp
 
 
 def test_site_run_wants_tls_or_an_explicit_insecure(tmp_path, capsys):
-    assert main(["site", "run", "--site-id", "site-01", "--data", str(tmp_path), "--superlink", "127.0.0.1:9092"]) == 2
+    assert main(["site", "run", "--site-id", "site-01", "--budget-epsilon", "8", "--data", str(tmp_path),
+                 "--superlink", "127.0.0.1:9092"]) == 2
     assert "--root-certificates" in capsys.readouterr().err
 
 
@@ -337,6 +339,23 @@ def test_a_run_resumes_after_the_aggregator_is_killed_and_restarted(federation, 
     last_epsilon = {row["site"]: row["epsilon"] for row in ledger_rows(run) if row["status"] == "trained"}
     for site_id in ("site-02", "site-03"):
         assert last_epsilon[site_id] == pytest.approx(federation.spent_epsilon(site_id, first_config), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_site_started_with_its_own_smaller_budget_refuses_a_run_asking_more(federation, first_run):
+    # The aggregator's run config asks epsilon 100 of site-03; its operator allows 2.
+    joins = federation.log("site-03").read_text().count(JOINED)
+    stop(federation.sites["site-03"])
+    federation.start_site("site-03", budget_epsilon=2.0)
+    federation.wait_until_joined("site-03", joins=joins + 1)
+
+    run, _ = run_federation(federation.deployment, deployment_config(federation.root, name="site-budget", rounds=1),
+                            timeout=900)
+
+    rows = {row["site"]: row for row in ledger_rows(run)}
+    assert rows["site-03"]["status"] == "refused"
+    assert "asks a budget of epsilon 100, above the site's own 2" in rows["site-03"]["reason"]
+    assert rows["site-02"]["status"] == "trained" and rows["site-02"]["budget_bound"] == "site"
 
 
 @pytest.mark.slow

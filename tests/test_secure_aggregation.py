@@ -174,7 +174,8 @@ def test_a_dp_federation_under_secure_aggregation_trains_every_round_past_a_refu
     rounds = [row for row in secure_run.run.read_metrics() if "round" in row]
     assert [row["round"] for row in rounds] == [1, 2]
     assert all((row["sites_trained"], row["sites_refused"], row["sites_failed"]) == (2, 1, 0) for row in rounds)
-    assert all(np.isfinite(row["train_loss"]) and row["val_loss"] > 0 and 0 <= row["test_accuracy"] <= 1
+    # A private site sends no training loss (a noise-free statistic of its images): the round has none.
+    assert all(row["train_loss"] is None and row["val_loss"] > 0 and 0 <= row["test_accuracy"] <= 1
                for row in rounds)
     _, extra = load_checkpoint(secure_run.run.model_dir / "last.pt")
     assert extra["round"] == 2 and (secure_run.run.model_dir / "best.pt").is_file()

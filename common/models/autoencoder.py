@@ -65,6 +65,6 @@ def reconstruction_error(model: ConvAutoencoder, images: Tensor) -> Tensor:
     return error
 
 
-def save_encoder(autoencoder: ConvAutoencoder, path: Path) -> None:
+def save_encoder(autoencoder: ConvAutoencoder, path: Path, *, source: str = "training-data", detail: str = "") -> None:
     """Write the pretrained encoder (the decoder is discarded) as a mammofl-encoder file."""
-    save_encoder_checkpoint(autoencoder.encoder, path)
+    save_encoder_checkpoint(autoencoder.encoder, path, source=source, detail=detail)

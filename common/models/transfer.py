@@ -11,10 +11,17 @@ Three kinds of file are understood (nothing is ever downloaded):
 * a ``mammofl-encoder`` checkpoint, written by `save_encoder_checkpoint` (autoencoder
   pretraining);
 * a ``mammofl-classifier`` checkpoint: its encoder is taken, its head left behind.
+
+Every file has a provenance (`weights_provenance`): what the weights were learned from. Our
+pretraining records it in the file ("public" or "training-data"); a file we did not write
+is "external" (a torchvision or other local file, named by its sha256). A federated run
+refuses weights learned from site images or of unrecorded origin (`require_site_free_weights`):
+those images would reach the model outside the accounted DP-SGD.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,16 +84,68 @@ class _SourceWeights:
     adapted: tuple[str, ...] = ()
 
 
-def save_encoder_checkpoint(encoder: Encoder, path: Path) -> None:
-    """Write `encoder` alone, in the format `load_pretrained_encoder` reads."""
+PROVENANCE_SOURCES = ("public", "training-data")
+SITE_FREE_SOURCES = ("public", "external")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a weights file's weights were learned: "public", "training-data", "external" or "unrecorded"."""
+
+    path: str
+    source: str
+    sha256: str
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "source": self.source, "sha256": self.sha256, "detail": self.detail}
+
+
+def save_encoder_checkpoint(encoder: Encoder, path: Path, *, source: str = "training-data", detail: str = "") -> None:
+    """Write `encoder` alone, in the format `load_pretrained_encoder` reads, with its provenance.
+
+    `source` is what the encoder learned from: "public" (no site's images) or
+    "training-data" (the configured data's training images: fine centrally, refused by a
+    federated run).
+    """
+    if source not in PROVENANCE_SOURCES:
+        raise ModelError(f"encoder provenance {source!r} is invalid; valid: {', '.join(PROVENANCE_SOURCES)}")
     payload = {
         "format": ENCODER_FORMAT,
         "version": ENCODER_VERSION,
         "encoder": encoder.name,
         "norm": encoder.norm,
         "state_dict": portable_state_dict(encoder),
+        "provenance": {"source": source, "detail": detail},
     }
     write_weights_file(payload, path)
+
+
+def weights_provenance(path: Path) -> Provenance:
+    """What the weights in `path` were learned from, and the file's sha256."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    payload = read_weights_file(path)
+    kind = payload.get("format") if isinstance(payload, Mapping) else None
+    if kind in (ENCODER_FORMAT, CLASSIFIER_FORMAT):
+        recorded = payload.get("provenance")
+        if isinstance(recorded, Mapping) and recorded.get("source") in PROVENANCE_SOURCES:
+            return Provenance(str(path), str(recorded["source"]), digest, str(recorded.get("detail", "")))
+        return Provenance(str(path), "unrecorded", digest, f"a {kind} file without a provenance record")
+    return Provenance(str(path), "external", digest, "a local weights file mammofl did not write")
+
+
+def require_site_free_weights(path: Path) -> Provenance:
+    """The provenance of `path` if a federated run may start from it; else a ConfigError saying why."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.pretrained: weights file {path} not found")
+    provenance = weights_provenance(path)
+    if provenance.source not in SITE_FREE_SOURCES:
+        raise ConfigError(
+            f"model.pretrained {path}: its weights were learned from {provenance.source} "
+            f"({provenance.detail or 'the sites pooled images'}); a federated run starts only from weights that saw "
+            "no site image: pretrain with pretraining.source 'public' (mammofl pretrain) or give an external file")
+    return provenance
 
 
 def _torchvision_key(key: str) -> str:
