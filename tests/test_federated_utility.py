@@ -7,6 +7,8 @@ freeze it, and let each site fine-tune the head with DP-SGD, so the noise spread
 hundred weights instead of a hundred thousand.
 """
 
+import json
+
 import pytest
 
 from server.privacy_ledger import PrivacyLedger
@@ -15,10 +17,12 @@ from simulations.pretrain import pretrain_from_config
 from tests.test_federated import federated_config
 
 TARGET_EPSILON = 8.0
-# Chance is 0.5 for both AUCs; the thresholds sit well below what we measured for this exact
-# setting (see the test) and well above chance.
-MIN_MACRO_AUC = 0.56
-MIN_PRESENCE_AUC = 0.60
+# Chance is 0.5 for both AUCs. With noise from fresh entropy (so a different model every run),
+# six runs of this exact setting gave macro AUC 0.675-0.731 and presence AUC 0.78-0.87; the
+# thresholds sit well below that and well above chance. (Adam at lr 0.01, which the test used
+# while noise followed the config seed, gave 0.40-0.66: its normalised steps follow the noise.)
+MIN_MACRO_AUC = 0.60
+MIN_PRESENCE_AUC = 0.68
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +31,12 @@ def transfer_run(tmp_path_factory):
     public = {"sites": 1, "per_site": 200, "size": 96, "seed": 99, "burned_in_text": 0.0, "lesion_contrast": 2.0}
     config = federated_config(
         root,
-        learning_rate=0.01, batch_size=32,
+        optimizer="sgd", learning_rate=0.3, batch_size=64,
         data={"synthetic": {"sites": 3, "per_site": 150, "size": 96, "seed": 11, "burned_in_text": 0.0,
                             "test_fraction": 0.3, "lesion_contrast": 2.0}},
         model={"image_size": 64, "pretrained": str(root / "encoder.pt"), "freeze": {"head_only_epochs": 1000}},
         pretraining={"source": "public", "public_root": str(root / "public"), "public": public, "epochs": 8},
-        federation={"rounds": 3, "local_epochs": 2, "min_train_sites": 1, "fraction_evaluate": 0.0},
+        federation={"rounds": 3, "local_epochs": 5, "min_train_sites": 1, "fraction_evaluate": 0.0},
     )
     pretrain_from_config(config)
     return simulate(config, log=lambda message: None)
@@ -46,6 +50,30 @@ def test_dp_federated_fine_tuning_of_a_pretrained_encoder_beats_chance(transfer_
     assert last["test_presence_auc"] >= MIN_PRESENCE_AUC
     ledger = PrivacyLedger(transfer_run.run.root / "privacy").rows()
     assert max(row["epsilon"] for row in ledger) <= TARGET_EPSILON
+
+
+def test_the_privacy_report_names_the_starting_weights_and_every_release(transfer_run):
+    privacy = transfer_run.run.root / "privacy"
+    report = json.loads((privacy / "report.json").read_text())
+    assert report["pretrained"]["source"] == "public" and len(report["pretrained"]["sha256"]) == 64
+    assert set(report["releases"]) == {"model update", "number of training images", "privacy row",
+                                       "validation metrics"}
+    markdown = (privacy / "report.md").read_text()
+    assert "## What each site releases" in markdown and "fresh operating-system entropy" in markdown
+
+
+def test_a_federated_run_refuses_weights_learned_from_site_images_before_reading_any(tmp_path):
+    from common.errors import ConfigError
+    from common.models.classifier import build_classifier
+    from common.models.transfer import save_encoder_checkpoint
+
+    save_encoder_checkpoint(build_classifier("smallcnn", norm="group").encoder, tmp_path / "encoder.pt",
+                            source="training-data")
+    config = federated_config(tmp_path, model={"image_size": 64, "pretrained": str(tmp_path / "encoder.pt")})
+
+    with pytest.raises(ConfigError, match="learned from training-data"):
+        simulate(config, log=lambda message: None)
+    assert not (tmp_path / "data").exists()
 
 
 def test_pretraining_a_federated_config_on_the_sites_pooled_images_is_refused(tmp_path):
