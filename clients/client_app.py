@@ -3,9 +3,9 @@
 The same app runs in the simulation engine (one virtual SuperNode per site, the site chosen
 by ``partition-id``) and in a real deployment (a SuperNode per hospital, ``site-id`` and
 ``data-dir`` in its node config). The images never leave the process. What leaves it is
-listed in the privacy report (`server.privacy_ledger.RELEASES`): under DP only the noised model update, the number of training images
-(weights of the aggregate) and accounting metadata; validation metrics are computed on
-held-out patients only.
+listed in the privacy report (`server.privacy_ledger.RELEASES`): under DP only the noised
+model update, the number of training images (the aggregate's weight) and accounting
+metadata; validation metrics are computed on held-out patients only.
 
 Settings come from the run config (``config-json``: the experiment config itself, or
 ``config-path``: its file; ``run-dir``: the run directory) -- or from `AppSettings` handed to
@@ -45,7 +45,6 @@ from common.runs import UNIT_WEIGHT, AppSettings, app_config, resolve_app_settin
 from common.training import evaluate, seed_everything, select_device
 
 STATUS_TRAINED, STATUS_REFUSED = "trained", "refused"
-
 
 
 @dataclass(frozen=True)
