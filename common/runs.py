@@ -33,6 +33,20 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def append_json_line(path: Path, record: dict[str, Any]) -> None:
+    """Append `record` to a JSON-lines file (NaN and infinities as null), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """Every record of a JSON-lines file; [] when there is no file."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @dataclass(frozen=True)
 class RunDirectory:
     root: Path
@@ -64,13 +78,10 @@ class RunDirectory:
         (self.root / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
+        append_json_line(self.metrics_path, record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_json_lines(self.metrics_path)
 
     def forget_rounds_after(self, last_round: int) -> int:
         """Drop the metrics of rounds after `last_round`, and a line cut short; returns how many went.

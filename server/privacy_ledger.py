@@ -19,7 +19,7 @@ from typing import Any
 
 from clients.privacy import epsilon_of
 from common.errors import MammoflError
-from common.runs import json_safe
+from common.runs import append_json_line, json_safe, read_json_lines
 
 PATIENT_IMAGES = 4  # a screening exam: CC and MLO of both breasts
 
@@ -58,15 +58,13 @@ class PrivacyLedger:
         return self.directory / "ledger.jsonl"
 
     def append(self, row: dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(json_safe(row), sort_keys=True) + "\n")
+        append_json_line(self.path, row)
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             raise LedgerError(f"{self.path}: no privacy ledger (was the run made with privacy.enabled?)")
         try:
-            return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            return read_json_lines(self.path)
         except json.JSONDecodeError as exc:
             raise LedgerError(f"{self.path}: line {exc.lineno} is not valid JSON") from None
 
@@ -78,14 +76,10 @@ class PrivacyLedger:
         return self.directory / "client_level.jsonl"
 
     def append_client_level(self, row: dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self.client_level_path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(json_safe(row), sort_keys=True) + "\n")
+        append_json_line(self.client_level_path, row)
 
     def client_level_rows(self) -> list[dict[str, Any]]:
-        if not self.client_level_path.exists():
-            return []
-        return [json.loads(line) for line in self.client_level_path.read_text().splitlines() if line.strip()]
+        return read_json_lines(self.client_level_path)
 
     def record_pretrained(self, provenance) -> None:
         """The provenance (`common.models.transfer.Provenance`) of the weights the run started from."""
