@@ -12,6 +12,7 @@ NaN (``null`` in JSON), never as a made-up 0.5.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
@@ -37,8 +38,25 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
         "macro_auc": macro_auc(labels, probs),
         "presence_auc": presence_auc(labels, probs),
         "type_auc": type_auc(labels, probs),
+        # 1 means the model answers the same class for every image: no classifier at all.
+        "predicted_classes": float(len(np.unique(predicted))),
         **rates,
     }
+
+
+def unusable_because(metrics: Mapping[str, float | None]) -> str | None:
+    """Why a model with these test metrics is no usable classifier, or None if nothing says so.
+
+    Two plain failures every report names: one class predicted for every image (accuracy then
+    equals that class's share, and agreement between compressed variants means nothing), and
+    a macro AUC at or below chance.
+    """
+    if metrics.get("predicted_classes") == 1:
+        return "predicts a single class for every test image: it is not a usable classifier"
+    auc = metrics.get("macro_auc")
+    if auc is not None and not math.isnan(auc) and auc <= 0.5:
+        return f"is no better than chance (test macro AUC {auc:.3f} <= 0.5)"
+    return None
 
 
 def per_class_rates(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from clients.privacy import epsilon_of
 from common.errors import MammoflError
+from common.metrics import unusable_because
 from common.runs import append_json_line, json_safe, read_json_lines
 
 PATIENT_IMAGES = 4  # a screening exam: CC and MLO of both breasts
@@ -187,8 +188,18 @@ def build_report(ledger: PrivacyLedger) -> dict[str, Any]:
         "sites": sites,
         "all_within_budget": all(site["within_budget"] for site in sites),
         "client_level": client_level_summary(ledger.client_level_rows()),
+        "model": model_summary(ledger),
         "rounds": max((row["round"] for row in rows), default=0),
     }
+
+
+def model_summary(ledger: PrivacyLedger) -> dict[str, Any] | None:
+    """What the privacy bought: the last round's test metrics (the run's metrics.jsonl) and a plain verdict."""
+    rounds = [row for row in read_json_lines(ledger.directory.parent / "metrics.jsonl") if "round" in row]
+    if not rounds:
+        return None
+    test = {key.removeprefix("test_"): value for key, value in rounds[-1].items() if key.startswith("test_")}
+    return {"round": rounds[-1]["round"], "test": test, "unusable_because": unusable_because(test)}
 
 
 
@@ -232,7 +243,21 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += [f"| {release} | {cover} |" for release, cover in report["releases"].items()]
     lines += ["", f"Not released: {report['not_released']}.", "", "## Randomness", "", report["randomness"], ""]
     lines += _client_level_lines(report["client_level"]) + _pretrained_lines(report["pretrained"])
+    lines += _model_lines(report["model"])
     return "\n".join(lines)
+
+
+def _model_lines(model: dict[str, Any] | None) -> list[str]:
+    if model is None:
+        return []
+    test = model["test"]
+    lines = ["## What the model is worth", "",
+             f"After round {model['round']}: test macro AUC {_number(test.get('macro_auc'))}, balanced accuracy "
+             f"{_number(test.get('balanced_accuracy'))}, presence AUC {_number(test.get('presence_auc'))} "
+             "(chance: 0.5, 0.333, 0.5).", ""]
+    if model["unusable_because"]:
+        lines += [f"**FAILED: the model {model['unusable_because']}.** Its privacy cost bought nothing usable.", ""]
+    return lines
 
 
 def _client_level_lines(summary: dict[str, Any] | None) -> list[str]:

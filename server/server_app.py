@@ -26,6 +26,7 @@ from common.config import ExperimentConfig
 from common.data.pipeline import load_records, make_loader
 from common.data.records import CLASS_NAMES
 from common.losses import build_loss
+from common.metrics import unusable_because
 from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config
 from common.models.transfer import require_site_free_weights
@@ -191,8 +192,10 @@ class Federation:
                  "image_size": self.config.model.image_size}
         save_checkpoint(model, self.run.model_dir / "last.pt", **extra)
         self.checkpoint.update(server_round, metrics, lambda path, _: save_checkpoint(model, path, **extra))
+        failure = unusable_because({key.removeprefix("test_"): value for key, value in metrics.items()})
         self.log(f"round {server_round}: {outcome.counts} test_accuracy={metrics['test_accuracy']:.4f} "
-                 f"test_macro_auc={metrics['test_macro_auc']:.4f} val_loss={metrics.get('val_loss', float('nan')):.4f}")
+                 f"test_macro_auc={metrics['test_macro_auc']:.4f} val_loss={metrics.get('val_loss', float('nan')):.4f}"
+                 + (f" -- the global model {failure}" if failure else ""))
         if self.observer is not None:
             self.observer(server_round, metrics, outcome.ledger_rows)
 

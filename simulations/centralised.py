@@ -23,6 +23,7 @@ from common.data.pipeline import (
 )
 from common.data.records import CLASS_NAMES
 from common.losses import build_loss
+from common.metrics import unusable_because
 from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config, freeze_schedule_from_config
 from common.runs import RunDirectory
@@ -140,6 +141,8 @@ SUMMARY_METRICS = (
 def _summary(config, run, splits, test_metrics, best_epoch, epochs_run, exported) -> str:
     rows = "\n".join(f"| {name} | {test_metrics[name]:.4f} |" for name in SUMMARY_METRICS)
     chance = 1.0 / len(CLASS_NAMES)
+    failure = unusable_because(test_metrics)
+    verdict = f"\n\n**FAILED: the model {failure}.**" if failure else ""
     return f"""# Centralised training: {config.name}
 
 Run `{run.run_id}`; encoder `{config.encoder}` ({config.norm} norm), {config.model.image_size} px,
@@ -154,7 +157,7 @@ Images: {len(splits.train)} train, {len(splits.val)} validation, {len(splits.tes
 |---|---|
 {rows}
 
-Chance level: accuracy {chance:.2f}, AUCs 0.50.
+Chance level: accuracy {chance:.2f}, AUCs 0.50.{verdict}
 
 ## Files
 

@@ -31,6 +31,7 @@ from server.compression import (
 from server.compression.datasets import held_out_test_set
 from server.compression.model_files import read_pytorch_model
 from server.compression.prune import weight_layers, weight_sparsity
+from server.compression.report import write_report
 from server.compression.variants import RECIPES
 from simulations.centralised import train_centralised
 
@@ -220,3 +221,15 @@ def test_report_is_written_as_json_markdown_and_plots(trained_run, compressed):
     for result in compressed.variants:
         assert result.latency_ms_p95 >= result.latency_ms_p50 > 0 and result.throughput_images_per_s > 0
         assert result.change["accuracy"] == pytest.approx(result.metrics["accuracy"] - fp32["accuracy"])
+
+
+def test_the_report_says_plainly_when_a_variant_predicts_one_class(compressed, tmp_path):
+    fp32 = compressed.variant("fp32")
+    one_class = fp32.model_copy(update={"metrics": {**fp32.metrics, "predicted_classes": 1.0}})
+    report = compressed.model_copy(update={"variants": (one_class, *compressed.variants[1:])})
+
+    write_report(report, tmp_path)
+
+    markdown = (tmp_path / "report.md").read_text()
+    assert "**FAILED: `fp32` predicts a single class for every test image" in markdown
+    assert "Agreement with it says nothing" in markdown

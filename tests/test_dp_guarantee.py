@@ -277,3 +277,50 @@ def test_weights_learned_from_site_images_are_refused_for_a_federated_run(tmp_pa
     assert weights_provenance(tmp_path / "legacy.pt").source == "unrecorded"
     with pytest.raises(ConfigError, match="learned from unrecorded"):
         require_site_free_weights(tmp_path / "legacy.pt")
+
+
+def test_the_privacy_report_says_plainly_when_the_model_predicts_one_class(tmp_path):
+    from common.runs import RunDirectory
+    from server.privacy_ledger import PrivacyLedger, write_report
+
+    run = RunDirectory(tmp_path)
+    ledger = PrivacyLedger(tmp_path / "privacy")
+    ledger.append({"site": "site-01", "round": 1, "status": "trained", "steps": 4, "sample_rate": 0.5,
+                   "noise_multiplier": 1.0, "max_grad_norm": 1.0, "epsilon": 2.0, "delta": 1e-5,
+                   "budget_epsilon": 8.0, "accountant": "rdp"})
+    run.log_metrics({"round": 1, "test_macro_auc": 0.56, "test_balanced_accuracy": 1 / 3, "test_predicted_classes": 1})
+
+    report = write_report(ledger)
+
+    assert "single class" in report["model"]["unusable_because"]
+    assert "**FAILED: the model predicts a single class" in (tmp_path / "privacy" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def larger_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("larger")
+    config = site_config(root, data={"synthetic": {"sites": 1, "per_site": 120, "size": 64, "seed": 4,
+                                                   "burned_in_text": 0.0}})
+    return root, [record for record in load_records(config.data) if record.split == "train"]
+
+
+@pytest.mark.parametrize("records_used, batch_size, physical, workers, epochs", [
+    (None, 64, 16, 2, 3),  # Poisson batches split into physical ones, with DataLoader workers
+    (93, 1, 64, 0, 1),  # 93 batches of one: Opacus' sampler draws int(1 / (1/93)) = 92 a epoch
+])
+def test_the_accountant_records_exactly_the_steps_the_budget_check_planned(
+        larger_site, tmp_path, records_used, batch_size, physical, workers, epochs):
+    root, records = larger_site
+    records = records[:records_used] if records_used else records
+    config = site_config(root, batch_size=batch_size, num_workers=workers,
+                         privacy={"max_physical_batch_size": physical}, federation={"local_epochs": epochs},
+                         data={"synthetic": {"sites": 1, "per_site": 120, "size": 64, "seed": 4, "burned_in_text": 0.0}})
+    batches = math.ceil(len(records) / batch_size)
+    state = SitePrivacyState.load_or_create(tmp_path, "site-01", config.privacy)
+    model = build_classifier(config.encoder, norm=config.norm, dropout=0.0)
+
+    result = train_site_round(model, records, config, server_round=1, device=CPU, privacy_state=state,
+                              state_dir=tmp_path)
+
+    assert result.privacy.steps == int(1 / (1 / batches)) * epochs
+    assert sum(steps for _, _, steps in state.history) == result.privacy.steps

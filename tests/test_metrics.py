@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from common.metrics import classification_metrics, presence_auc, type_auc
+from common.metrics import classification_metrics, presence_auc, type_auc, unusable_because
 
 
 def one_hot_probs(predicted, confidence=0.8):
@@ -70,3 +70,15 @@ def test_agrees_with_sklearn_on_random_predictions():
 
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, probs.argmax(1)))
     assert metrics["macro_auc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+def test_a_model_that_answers_one_class_for_every_image_is_named_unusable():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    one_class = classification_metrics(labels, one_hot_probs(np.zeros(6, dtype=int)))
+    working = classification_metrics(labels, one_hot_probs(labels))
+
+    assert one_class["predicted_classes"] == 1 and working["predicted_classes"] == 3
+    assert "single class" in unusable_because(one_class)
+    assert unusable_because(working) is None
+    assert "no better than chance" in unusable_because({"predicted_classes": 3, "macro_auc": 0.48})
+    assert unusable_because({"predicted_classes": 2, "macro_auc": math.nan}) is None

@@ -96,8 +96,13 @@ def make_loader(
     *,
     train: bool,
     generator: torch.Generator | None = None,
+    num_workers: int | None = None,
 ) -> DataLoader:
-    """A DataLoader over `records`; augmentation and shuffling only for training."""
+    """A DataLoader over `records`; augmentation and shuffling only for training.
+
+    `num_workers` overrides the config's (0: read in this process).
+    """
+    workers = config.num_workers if num_workers is None else num_workers
     transform = (
         build_train_transform(config.augmentation.strength, enabled=config.augmentation.enabled)
         if train
@@ -114,12 +119,12 @@ def make_loader(
         dataset,
         batch_size=config.batch_size,
         shuffle=train and config.shuffle,
-        num_workers=config.num_workers,
+        num_workers=workers,
         generator=generator,
-        persistent_workers=config.num_workers > 0,
+        persistent_workers=workers > 0,
         # Workers start from a clean server process, not a fork of this one: a forked copy of a
         # process running gRPC threads (a deployed ClientApp talks gRPC to its SuperNode) crashes
         # in gRPC's event engine, which is how a deployed site lost its round to "DataLoader
         # worker exited unexpectedly".
-        multiprocessing_context="forkserver" if config.num_workers > 0 else None,
+        multiprocessing_context="forkserver" if workers > 0 else None,
     )

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict
 
 from common.errors import ModelError
+from common.metrics import unusable_because
 
 REPORT_METRICS = ("accuracy", "macro_auc", "presence_auc", "type_auc")
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -126,6 +127,17 @@ def _table_row(result: VariantResult) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _failures(report: CompressionReport) -> str:
+    """A plain line for every variant that is no usable classifier (fp32's makes agreement meaningless)."""
+    lines = []
+    for result in report.variants:
+        failure = unusable_because(result.metrics)
+        if failure:
+            consequence = " Agreement with it says nothing about the other variants." if result.variant == "fp32" else ""
+            lines.append(f"**FAILED: `{result.variant}` {failure}.**{consequence}")
+    return "\n\n".join(lines) + "\n" if lines else ""
+
+
 def _markdown(report: CompressionReport) -> str:
     descriptions = "\n".join(f"- `{r.variant}`: {r.description}" for r in report.variants)
     environment = ", ".join(f"{key} {value}" for key, value in sorted(report.environment.items()))
@@ -136,6 +148,7 @@ Test split: {report.test_images} held-out images. Calibration (server-held): {ca
 Timed on CPU with {report.threads} thread(s), all variants in one process ({environment}).
 Δ is the change against `fp32`; size and speed-up are fp32's size and p50 latency over the variant's.
 
+{_failures(report)}
 {report.markdown_table()}
 
 {descriptions}
