@@ -29,13 +29,10 @@ import torch
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import PrivacyConfig
+from common.config import ACCOUNTANT_NAMES, PrivacyConfig
 from common.errors import MammoflError
 
 STATE_FILE = "privacy_state.json"
-
-
-ACCOUNTANTS = ("rdp", "prv")
 
 
 class SiteRefusal(MammoflError):
@@ -142,9 +139,9 @@ class SitePrivacyState:
         path = state_dir / STATE_FILE
         if path.exists():
             state = cls(**json.loads(path.read_text()))
-            if state.accountant not in ACCOUNTANTS:
+            if state.accountant not in ACCOUNTANT_NAMES:
                 raise MammoflError(f"{path}: accountant {state.accountant!r} is not offered (valid: "
-                                   f"{', '.join(ACCOUNTANTS)}); its epsilon cannot be trusted, so the site stops")
+                                   f"{', '.join(ACCOUNTANT_NAMES)}); its epsilon cannot be trusted, so the site stops")
             state.history = [tuple(stretch) for stretch in state.history]
             return state
         return cls(

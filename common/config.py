@@ -35,6 +35,8 @@ ENCODER_NAMES = (
     "efficientnet_b0",
     "densenet121",
 )
+# Opacus accountants whose epsilon composes a site's whole history (dp-accounting agrees).
+ACCOUNTANT_NAMES = ("rdp", "prv")
 METRIC_NAMES = (
     "accuracy",
     "balanced_accuracy",
@@ -269,7 +271,7 @@ class PrivacyConfig(Section):
     target_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     noise_multiplier: float | None = Field(default=None, gt=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal[ACCOUNTANT_NAMES] = "rdp"  # type: ignore[valid-type]
     budget_epsilon: float | None = Field(default=None, gt=0.0)
     site_budgets: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
     on_budget_exhausted: Literal["continue", "stop"] = "continue"

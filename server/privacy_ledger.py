@@ -166,7 +166,7 @@ GUARANTEE = (
     "removing any one training image of site s. This is sample-level DP at the site; it does not "
     "depend on the aggregator being honest: the site clips, samples and adds its noise from its own "
     "secret randomness before anything leaves it, and sends nothing else computed from its training "
-    "images. One patient usually contributes several images "
+    "images but their number. One patient usually contributes several images "
     f"(a screening exam has {PATIENT_IMAGES}); by group privacy a patient with k images is protected at "
     "(k epsilon, k e^((k-1) epsilon) delta), shown below for k = "
     f"{PATIENT_IMAGES}. Not covered: the number of training images a site reports, and the "
@@ -200,7 +200,6 @@ def model_summary(ledger: PrivacyLedger) -> dict[str, Any] | None:
         return None
     test = {key.removeprefix("test_"): value for key, value in rounds[-1].items() if key.startswith("test_")}
     return {"round": rounds[-1]["round"], "test": test, "unusable_because": unusable_because(test)}
-
 
 
 def write_report(ledger: PrivacyLedger) -> dict[str, Any]:
