@@ -159,7 +159,8 @@ def train_site_round(
     optimizer = build_optimizer(
         config.optimizer, model.parameters(), learning_rate=config.learning_rate, weight_decay=config.weight_decay
     )
-    loss_fn = build_loss(config.loss, class_counts(records), class_weights=config.class_weights).to(device)
+    loss_fn = build_loss(config.loss, class_counts(records), class_weights=config.class_weights,
+                         private=private).to(device)
     after_step = proximal_step(model, config.learning_rate, proximal_mu) if proximal_mu > 0 else None
 
     if not private:

@@ -1,10 +1,11 @@
 """Loss functions selectable by the config's ``loss`` key.
 
-Every loss here is a mean of per-example terms, each depending on its own example only, and
-honours ``reduction`` ("mean", "sum", "none"). DP-SGD needs both: Opacus' ghost clipping sets
-``criterion.reduction = "none"`` to get one loss per example, and per-example clipping bounds
-one example's influence only when no example's loss depends on another (a weighted mean
-divided by the batch's summed weights does: one added example rescales every other one).
+Under DP every loss is a mean of per-example terms, each depending on its own example only,
+and honours ``reduction`` ("mean", "sum", "none"). DP-SGD needs both: Opacus' ghost clipping
+sets ``criterion.reduction = "none"`` to get one loss per example, and per-example clipping
+bounds one example's influence only when no example's loss depends on another. Torch's
+weighted cross-entropy divides by the batch's summed weights, so one added example rescales
+every other one: it serves non-private training only, where it is the usual definition.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def inverse_frequency_weights(class_counts: list[int]) -> torch.Tensor:
     return weights
 
 
-def build_loss(name: str, class_counts: list[int], *, class_weights: Sequence[float] | None = None) -> nn.Module:
-    """The loss named in the config.
+def build_loss(name: str, class_counts: list[int], *, class_weights: Sequence[float] | None = None,
+               private: bool = False) -> nn.Module:
+    """The loss named in the config; `private` for DP-SGD (per-example terms only).
 
     `class_weights` (the config's, public) weight the weighted variant; without them the
     weights come from `class_counts`, the labels of the data trained on, which a private
@@ -92,7 +94,7 @@ def build_loss(name: str, class_counts: list[int], *, class_weights: Sequence[fl
     if name == "weighted_cross_entropy":
         weights = (torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None
                    else inverse_frequency_weights(class_counts))
-        return WeightedCrossEntropy(weights)
+        return WeightedCrossEntropy(weights) if private else nn.CrossEntropyLoss(weight=weights)
     if name == "focal":
         return FocalLoss(weight=torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None)
     raise ConfigError(f"unknown loss {name!r}; allowed: {', '.join(LOSS_NAMES)}")

@@ -115,7 +115,7 @@ def test_one_example_moves_the_summed_clipped_gradient_by_at_most_the_clip_norm(
                                    "loss": loss, "class_weights": class_weights})
 
     def summed(x, y):
-        loss_fn = build_loss(private_config.loss, [0, 0, 0], class_weights=private_config.class_weights)
+        loss_fn = build_loss(private_config.loss, [0, 0, 0], class_weights=private_config.class_weights, private=True)
         return summed_clipped_gradient(x, y, loss_fn, clipping)
 
     with_all = summed(images, labels)
@@ -127,12 +127,13 @@ def test_one_example_moves_the_summed_clipped_gradient_by_at_most_the_clip_norm(
 
 
 def test_a_batch_normalised_weighted_loss_is_what_breaks_that_bound():
-    """The check above can fail: torch's weighted mean divides by the batch's summed weights."""
+    """The check above can fail: torch's weighted mean (our non-private weighted loss) divides by
+    the batch's summed weights."""
     # Eight normal images, each gradient within the clip norm; one heavily weighted malignant
     # image added shrinks all eight by the new normaliser, moving the sum by several C.
     torch.manual_seed(1)
     images, labels = torch.rand(8, 1, 32, 32), torch.zeros(8, dtype=torch.long)
-    weighted_mean = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1.0, 1000.0]))
+    weighted_mean = build_loss("weighted_cross_entropy", [0, 0, 0], class_weights=(1.0, 1.0, 1000.0))
     before = summed_clipped_gradient(images, labels, weighted_mean, "flat")
     after = summed_clipped_gradient(torch.cat([images, torch.rand(1, 1, 32, 32)]), torch.cat([labels, torch.tensor([2])]),
                                     weighted_mean, "flat")

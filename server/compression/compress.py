@@ -30,7 +30,7 @@ from common.config import (
 )
 from common.data.records import CLASS_NAMES
 from common.errors import ModelError
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, unusable_because
 from common.models.classifier import load_checkpoint
 from server.compression.build import BuiltVariant, VariantBuilder
 from server.compression.datasets import (
@@ -47,6 +47,7 @@ from server.compression.measure import (
 )
 from server.compression.report import (
     REPORT_METRICS,
+    VERDICT_METRICS,
     CompressionReport,
     VariantResult,
     finite_or_none,
@@ -144,7 +145,7 @@ def _result(measured: _Measured, baseline: _Measured) -> VariantResult:
         backend=recipe.backend,
         precision=recipe.precision,
         pruning=recipe.pruning,
-        metrics={key: measured.metrics[key] for key in REPORT_METRICS},
+        metrics={key: measured.metrics[key] for key in (*REPORT_METRICS, *VERDICT_METRICS)},
         change={key: _difference(measured.metrics[key], baseline.metrics[key]) for key in REPORT_METRICS},
         agreement_with_fp32=float((measured.probs.argmax(1) == baseline.probs.argmax(1)).mean()),
         file_bytes=measured.file_bytes,
@@ -205,5 +206,7 @@ def _report(run_dir: Path, settings: CompressionConfig, calibration: np.ndarray,
 
 def _progress_line(result: VariantResult) -> str:
     accuracy = result.metrics["accuracy"]
+    failure = unusable_because(result.metrics)
     return (f"  {result.variant}: accuracy {accuracy:.3f}, agrees with fp32 {result.agreement_with_fp32:.1%}, "
-            f"{result.file_bytes / 1e6:.2f} MB, p50 {result.latency_ms_p50:.2f} ms")
+            f"{result.file_bytes / 1e6:.2f} MB, p50 {result.latency_ms_p50:.2f} ms"
+            + (f" -- FAILED: it {failure}" if failure else ""))

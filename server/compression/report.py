@@ -19,6 +19,8 @@ from common.errors import ModelError
 from common.metrics import unusable_because
 
 REPORT_METRICS = ("accuracy", "macro_auc", "presence_auc", "type_auc")
+# Stored beside them, unchanged-compared: what says whether a variant is a classifier at all.
+VERDICT_METRICS = ("balanced_accuracy", "predicted_classes")
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 METRIC_PLOT, COST_PLOT = "metric_changes.png", "latency_vs_size.png"
 
