@@ -176,7 +176,16 @@ class NoHeldOutPatientsError(SiteRefusal):
 
 
 def validate(site: Site, model: torch.nn.Module) -> dict[str, float]:
-    """The model's metrics on the site's validation split (held-out patients), keys prefixed ``val_``."""
+    """The model's metrics on the site's validation split (held-out patients), keys prefixed ``val_``.
+
+    Validation metrics are not DP-protected, so a site computes them only when the run's own
+    config asks for federated evaluation and the site's operator allows it.
+    """
+    if not site.config.federation.fraction_evaluate:
+        raise SiteRefusal(f"site {site.site_id}: asked to evaluate in a run whose config sets "
+                          "federation.fraction_evaluate 0; it sends no validation metrics")
+    if not site.limits.allow_evaluation:
+        raise SiteRefusal(f"site {site.site_id}: sends no validation metrics (mammofl site run --no-evaluation)")
     if not site.val:
         raise NoHeldOutPatientsError(
             f"site {site.site_id}: no held-out patients to evaluate on ({len(site.train)} training images, "

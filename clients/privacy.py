@@ -62,14 +62,16 @@ class SiteLimits:
 
     In simulation the run config is the sites' own (one operator plays every part): no
     limits. A deployed site takes them from ``mammofl site run`` (node config keys
-    ``budget-epsilon``, ``max-delta``, ``allow-non-private``); without a budget it refuses
-    every private run, and it refuses non-private runs unless allowed.
+    ``budget-epsilon``, ``max-delta``, ``allow-non-private``, ``allow-evaluation``); without a
+    budget it refuses every private run, it refuses non-private runs unless allowed, and it
+    sends validation metrics (not DP-protected) only if allowed.
     """
 
     deployed: bool = False
     budget_epsilon: float | None = None
     max_delta: float | None = None
     allow_non_private: bool = True
+    allow_evaluation: bool = True
 
     @classmethod
     def from_node_config(cls, node: dict) -> "SiteLimits":
@@ -78,7 +80,8 @@ class SiteLimits:
         budget, delta = node.get("budget-epsilon"), node.get("max-delta")
         return cls(deployed=True, budget_epsilon=float(budget) if budget is not None else None,
                    max_delta=float(delta) if delta is not None else None,
-                   allow_non_private=str(node.get("allow-non-private", "false")).lower() == "true")
+                   allow_non_private=str(node.get("allow-non-private", "false")).lower() == "true",
+                   allow_evaluation=str(node.get("allow-evaluation", "true")).lower() == "true")
 
     def require_allowed(self, site_id: str, privacy: PrivacyConfig, num_images: int) -> tuple[float, str]:
         """The epsilon this run may take the site to and which bound set it ("run" or "site").

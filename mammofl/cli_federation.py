@@ -38,7 +38,7 @@ def _site_run(args: argparse.Namespace) -> int:
                     clientappio_address=args.clientappio_address,
                     deidentification_secret=args.deidentification_secret,
                     budget_epsilon=args.budget_epsilon, max_delta=args.max_delta,
-                    allow_non_private=args.allow_non_private)
+                    allow_non_private=args.allow_non_private, allow_evaluation=not args.no_evaluation)
     return run_site(node)
 
 
@@ -187,6 +187,8 @@ def add_commands(commands) -> None:
                           help="the largest delta a run may ask of this site (default 1e-5)")
     run_site.add_argument("--allow-non-private", action="store_true",
                           help="also train runs without DP-SGD (their updates are not differentially private)")
+    run_site.add_argument("--no-evaluation", action="store_true",
+                          help="never send validation metrics (they are computed on held-out patients without DP)")
     run_site.add_argument("--deidentification-secret", type=Path, metavar="SECRET_FILE",
                           help="the secret this site de-identified its images with (`mammofl anonymize "
                           "--secret-file`); the gate checks the images against it when a run's config asks")

@@ -208,6 +208,18 @@ def test_a_site_without_held_out_patients_evaluates_nothing(tmp_path, site_recor
         validate(site, build_classifier(config.encoder, norm=config.norm))
 
 
+def test_a_site_sends_validation_metrics_only_when_its_run_and_its_operator_ask_for_them(tmp_path, site_records):
+    config, records = site_records
+    model = build_classifier(config.encoder, norm=config.norm)
+    assert "val_macro_auc" in validate(site_of(config, records, tmp_path), model)
+
+    unasked = site_config(tmp_path, federation={"fraction_evaluate": 0.0})
+    with pytest.raises(SiteRefusal, match="fraction_evaluate 0"):
+        validate(site_of(unasked, records, tmp_path), model)  # a hostile aggregator asks anyway
+    with pytest.raises(SiteRefusal, match="--no-evaluation"):
+        validate(site_of(config, records, tmp_path, {**DEPLOYED, "allow-evaluation": "false"}), model)
+
+
 DEPLOYED = {"site-id": "site-01", "data-dir": "/site/data", "budget-epsilon": 2.0, "max-delta": 1e-5}
 
 
@@ -256,7 +268,8 @@ def test_site_run_requires_a_budget_and_hands_its_limits_to_the_client_app(tmp_p
 
     limits = SiteLimits.from_node_config(parse_config_args([node.node_config()]))
 
-    assert limits == SiteLimits(deployed=True, budget_epsilon=2.0, max_delta=1e-4, allow_non_private=False)
+    assert limits == SiteLimits(deployed=True, budget_epsilon=2.0, max_delta=1e-4, allow_non_private=False,
+                                allow_evaluation=True)
     with pytest.raises(SiteRefusal, match="above the site's own 2"):
         limits.require_allowed("a", parse_config({"privacy": {"enabled": True, "target_epsilon": 8.0}}).privacy, 100)
 
