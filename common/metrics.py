@@ -44,16 +44,18 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     }
 
 
-def unusable_because(metrics: Mapping[str, float | None]) -> str | None:
+def unusable_because(metrics: Mapping[str, float | None], *, prefix: str = "") -> str | None:
     """Why a model with these test metrics is no usable classifier, or None if nothing says so.
+
+    `prefix` is the metrics' split prefix where they carry one ("test_" in a round's row).
 
     Two plain failures every report names: one class predicted for every image (accuracy then
     equals that class's share, and agreement between compressed variants means nothing), and
     a macro AUC at or below chance.
     """
-    if metrics.get("predicted_classes") == 1:
+    if metrics.get(f"{prefix}predicted_classes") == 1:
         return "predicts a single class for every test image: it is not a usable classifier"
-    auc = metrics.get("macro_auc")
+    auc = metrics.get(f"{prefix}macro_auc")
     if auc is not None and not math.isnan(auc) and auc <= 0.5:
         return f"is no better than chance (test macro AUC {auc:.3f} <= 0.5)"
     return None

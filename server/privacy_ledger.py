@@ -15,12 +15,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clients.privacy import epsilon_of
 from common.errors import MammoflError
 from common.metrics import unusable_because
-from common.runs import append_json_line, json_safe, read_json_lines
+from common.runs import RunDirectory, append_json_line, json_safe, read_json_lines
+
+if TYPE_CHECKING:
+    from common.models.transfer import Provenance
 
 PATIENT_IMAGES = 4  # a screening exam: CC and MLO of both breasts
 
@@ -82,7 +85,7 @@ class PrivacyLedger:
     def client_level_rows(self) -> list[dict[str, Any]]:
         return read_json_lines(self.client_level_path)
 
-    def record_pretrained(self, provenance) -> None:
+    def record_pretrained(self, provenance: Provenance) -> None:
         """The provenance (`common.models.transfer.Provenance`) of the weights the run started from."""
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "pretrained.json").write_text(json.dumps(provenance.as_dict(), indent=2) + "\n")
@@ -195,11 +198,12 @@ def build_report(ledger: PrivacyLedger) -> dict[str, Any]:
 
 def model_summary(ledger: PrivacyLedger) -> dict[str, Any] | None:
     """What the privacy bought: the last round's test metrics (the run's metrics.jsonl) and a plain verdict."""
-    rounds = [row for row in read_json_lines(ledger.directory.parent / "metrics.jsonl") if "round" in row]
+    rounds = [row for row in RunDirectory(ledger.directory.parent).read_metrics() if "round" in row]
     if not rounds:
         return None
-    test = {key.removeprefix("test_"): value for key, value in rounds[-1].items() if key.startswith("test_")}
-    return {"round": rounds[-1]["round"], "test": test, "unusable_because": unusable_because(test)}
+    last = rounds[-1]
+    test = {key.removeprefix("test_"): value for key, value in last.items() if key.startswith("test_")}
+    return {"round": last["round"], "test": test, "unusable_because": unusable_because(last, prefix="test_")}
 
 
 def write_report(ledger: PrivacyLedger) -> dict[str, Any]:

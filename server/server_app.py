@@ -192,7 +192,7 @@ class Federation:
                  "image_size": self.config.model.image_size}
         save_checkpoint(model, self.run.model_dir / "last.pt", **extra)
         self.checkpoint.update(server_round, metrics, lambda path, _: save_checkpoint(model, path, **extra))
-        failure = unusable_because({key.removeprefix("test_"): value for key, value in metrics.items()})
+        failure = unusable_because(metrics, prefix="test_")
         self.log(f"round {server_round}: {outcome.counts} test_accuracy={metrics['test_accuracy']:.4f} "
                  f"test_macro_auc={metrics['test_macro_auc']:.4f} val_loss={metrics.get('val_loss', float('nan')):.4f}"
                  + (f" -- the global model {failure}" if failure else ""))
