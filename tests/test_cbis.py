@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from common.data.cbis import load_cbis_ddsm, load_site_folders
+from common.data.cbis import FULL_MAMMOGRAM, DirectResolver, load_cbis_ddsm, load_site_folders, read_case_rows
 from common.data.records import BENIGN, MALIGNANT, NORMAL
 from common.errors import DataError
 from tests.fixtures.cbis_layouts import (
@@ -176,3 +176,17 @@ def test_root_without_site_folders_is_refused(tmp_path):
 
     with pytest.raises(DataError, match="site-\\*"):
         load_site_folders(tmp_path)
+
+
+def test_direct_tree_whose_first_image_was_quarantined_is_still_read_as_direct(tmp_path, caplog):
+    # De-identification quarantines images with burned-in text; at 1,000 images a site the first
+    # CSV row's image was one of them, and the tree was taken for an NBIA download (0 records).
+    tree = build_direct_tree(tmp_path)
+    first = DirectResolver(tmp_path).resolve(read_case_rows(tmp_path)[0].image, FULL_MAMMOGRAM)
+    first.unlink()
+
+    with caplog.at_level(logging.WARNING):
+        records = load_cbis_ddsm(tmp_path, skip_missing=True)
+
+    assert {r.image_path for r in records} == set(tree.expected) - {first}
+    assert "direct layout" in caplog.text

@@ -128,7 +128,7 @@ def load_cbis_ddsm(
         raise DataError(f"unknown CBIS-DDSM layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     rows = read_case_rows(root)
     if layout == "auto":
-        layout = detect_layout(root, rows[0].image)
+        layout = detect_layout(root, [row.image for row in rows])
     resolver = RESOLVERS[layout](root)
     return _build_records(rows, resolver, f"{layout} layout under {root}", skip_missing)
 
@@ -162,11 +162,17 @@ def load_site_folders(
     }
 
 
-def detect_layout(root: Path, probe: CsvPath) -> str:
-    """Which layout `root` is in, judged by its marker files and one CSV path cell."""
+# How many CSV image cells `detect_layout` tries: one file missing (quarantined by
+# de-identification, say) must not make a direct tree look like another layout.
+_LAYOUT_PROBES = 32
+
+
+def detect_layout(root: Path, probes: list[CsvPath]) -> str:
+    """Which layout `root` is in, judged by its marker files and the first CSV path cells."""
     if (root / "csv" / "dicom_info.csv").is_file() and (root / "jpeg").is_dir():
         return "kaggle"
-    if DirectResolver(root).resolve(probe, FULL_MAMMOGRAM) is not None:
+    direct = DirectResolver(root)
+    if any(direct.resolve(probe, FULL_MAMMOGRAM) is not None for probe in probes[:_LAYOUT_PROBES]):
         return "direct"
     if (root / TREE_FOLDER).is_dir():
         return "tcia"
