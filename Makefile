@@ -34,15 +34,16 @@ venv: $(INSTALLED)
 
 demo-data: venv
 	test -f $(DEMO_DATA)/raw/manifest.json || $(PY) -m mammofl data synth --out $(DEMO_DATA)/raw \
-		--sites 3 --per-site 200 --size 192 --seed 0 --lesion-contrast 1.5
+		--sites 3 --per-site 1250 --size 192 --seed 0 --lesion-contrast 1.5
 	$(PY) -m mammofl anonymize $(DEMO_DATA)/raw $(DEMO_DATA)/deidentified --secret-file $(DEMO_SECRET) \
 		$$(test -f $(DEMO_SECRET) || echo --create-secret)
 	for site in $(DEMO_DATA)/raw/site-*; do \
 		mkdir -p $(DEMO_DATA)/deidentified/$$(basename $$site) && cp -r $$site/csv $(DEMO_DATA)/deidentified/$$(basename $$site)/; \
 	done
 
-# The encoder every federated demo config fine-tunes: our autoencoder on a public stand-in set.
-DEMO_ENCODER := data/pretrained/demo-public-encoder.pt
+# The encoder every federated demo config trains a head on: wavelet scattering, standardised with
+# statistics measured on a public stand-in set (no site image).
+DEMO_ENCODER := data/pretrained/demo-public-scattering.pt
 $(DEMO_ENCODER): $(INSTALLED)
 	$(PY) -m mammofl pretrain $(DEMO_CONFIG)
 
@@ -72,7 +73,7 @@ demo-centralised: demo-data
 	$(PY) -m mammofl train $(BASELINE_CONFIG)
 
 experiments: demo-data $(DEMO_ENCODER)
-	$(PY) -m mammofl experiments configs/demo.json configs/federated-nonprivate.json configs/augmentation-off.json configs/privacy-sweep
+	$(PY) -m mammofl experiments configs/demo.json configs/federated-nonprivate.json configs/augmentation-multiplicity.json configs/privacy-sweep
 
 # The suite needs a real single-node Cassandra (the three-node cluster tests start their own)
 # and Debian's Chromium for the web front end's tests (scripts/browser.sh installs it).
@@ -81,7 +82,8 @@ test: venv
 	scripts/cassandra/cassandra.sh up
 	$(PY) -m pytest; status=$$?; scripts/cassandra/cassandra.sh down; exit $$status
 
-bench: venv
+bench: venv demo-data $(DEMO_ENCODER)
+	$(PY) bench/utility.py --config $(DEMO_CONFIG)
 	$(PY) bench/encoders.py
 	$(PY) bench/store.py
 	$(PY) bench/deidentification.py

@@ -37,7 +37,8 @@ from clients.privacy import SiteLimits, SitePrivacyState, SiteRefusal
 from common.config import ExperimentConfig
 from common.data.cbis import load_cbis_ddsm
 from common.data.partition import split_train_val
-from common.data.pipeline import load_records, make_loader, site_partitions
+from common.data.features import evaluation_input
+from common.data.pipeline import load_records, site_partitions
 from common.data.records import ImageRecord
 from common.losses import build_loss
 from common.models.classifier import build_classifier
@@ -193,7 +194,7 @@ def validate(site: Site, model: torch.nn.Module) -> dict[str, float]:
     config = site.config
     device = select_device(config.device)
     loss_fn = build_loss(config.loss, [1, 1, 1], class_weights=config.class_weights)
-    metrics = evaluate(model.to(device), make_loader(site.val, config, train=False), loss_fn, device=device)
+    metrics = evaluate(*evaluation_input(model.to(device), site.val, config, device=device), loss_fn, device=device)
     return {f"val_{key}": value for key, value in metrics.items()}
 
 

@@ -13,6 +13,7 @@ is not reported: it is computed from the site's images without noise.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,15 +23,17 @@ import torch
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
+from torch.utils.data import DataLoader
 
 from clients.privacy import SitePrivacyState, Stretch, fresh_generator
 from common.config import ExperimentConfig
+from common.data.features import ViewsLoss, view_training_data
 from common.data.pipeline import class_counts, make_loader
 from common.data.records import ImageRecord
 from common.errors import MammoflError
 from common.losses import build_loss
 from common.models.configured import freeze_schedule_from_config
-from common.training import build_optimizer, train_one_epoch
+from common.training import ExponentialAverage, build_optimizer, chained, train_one_epoch
 
 
 class AccountingError(MammoflError):
@@ -105,21 +108,49 @@ def _hold_in_eval(module: nn.Module, args: tuple) -> None:
 
 def make_private(engine: PrivacyEngine, model: nn.Module, optimizer: torch.optim.Optimizer, loader, loss_fn: nn.Module,
                  *, noise_multiplier: float, config: ExperimentConfig,
-                 noise_generator: torch.Generator | None = None):
+                 noise_generator: torch.Generator | None = None, ghost: bool | None = None):
     """Opacus' private model, optimizer, loss and Poisson-sampled loader for this round.
 
-    ``privacy.clipping`` "ghost" selects Opacus' ghost clipping: per-sample gradient norms
-    come from a first backward pass without materialising per-sample gradients (the wrapped
-    loss runs the second, clipped pass), which saves memory on wide layers. The guarantee is
-    the same as flat clipping: each example's whole gradient is clipped to ``max_grad_norm``.
+    ``privacy.clipping`` "ghost" (or `ghost`) selects Opacus' ghost clipping: per-sample
+    gradient norms come from a first backward pass without materialising per-sample gradients
+    (the wrapped loss runs the second, clipped pass), which saves memory on wide layers. The
+    guarantee is the same as flat clipping: each example's whole gradient is clipped to
+    ``max_grad_norm``.
     """
     common = {"module": model, "optimizer": optimizer, "data_loader": loader, "noise_multiplier": noise_multiplier,
               "max_grad_norm": config.privacy.max_grad_norm, "poisson_sampling": True,
               "noise_generator": noise_generator}
-    if config.privacy.clipping == "ghost":
+    if config.privacy.clipping == "ghost" if ghost is None else ghost:
         return engine.make_private(**common, criterion=loss_fn, grad_sample_mode="ghost")
     private_model, private_optimizer, private_loader = engine.make_private(**common)
     return private_model, private_optimizer, loss_fn, private_loader
+
+
+def encoder_frozen(model: nn.Module) -> bool:
+    """True when no encoder parameter trains (the schedule is applied once, at the round's start)."""
+    return not any(parameter.requires_grad for parameter in model.encoder.parameters())
+
+
+def _training_data(model: nn.Module, records: list[ImageRecord], config: ExperimentConfig, *, device: torch.device,
+                   private: bool, generator: torch.Generator | None) -> tuple[nn.Module, DataLoader, bool]:
+    """What trains this round, on what: (module, loader, whether a Poisson batch may be split).
+
+    With the encoder frozen the head trains on cached features of
+    ``augmentation.multiplicity`` views per image (`common.data.features`); otherwise the
+    whole model trains on augmented images.
+    """
+    sampling = fresh_generator() if private else generator
+    if encoder_frozen(model):
+        head, loader = view_training_data(model, records, config, device=device, shuffle=not private,
+                                          generator=sampling)
+        return head, loader, False
+    # Opacus' BatchMemoryManager tells the optimizer which physical batch ends a logical one as
+    # the sampler yields it; DataLoader workers fetch ahead, and the signals then slip (measured:
+    # 18 and 41 accounted steps where 20 and 40 were taken). Where a Poisson batch can be split,
+    # the private loader reads in this process.
+    splittable = private and len(records) > config.privacy.max_physical_batch_size
+    loader = make_loader(records, config, train=True, generator=sampling, num_workers=0 if splittable else None)
+    return model, loader, splittable
 
 
 def train_site_round(
@@ -149,23 +180,25 @@ def train_site_round(
     # gets no gradient, so DP-SGD neither clips nor noises it (fewer dimensions, less noise).
     freeze_schedule_from_config(config).apply(model, (server_round - 1) * epochs)
     private = config.privacy.enabled
-    # Opacus' BatchMemoryManager tells the optimizer which physical batch ends a logical one as
-    # the sampler yields it; DataLoader workers fetch ahead, and the signals then slip (measured:
-    # 18 and 41 accounted steps where 20 and 40 were taken). Where a Poisson batch can be split,
-    # the private loader reads in this process.
-    splittable = private and len(records) > config.privacy.max_physical_batch_size
-    loader = make_loader(records, config, train=True, generator=fresh_generator() if private else generator,
-                         num_workers=0 if splittable else None)
+    trained, loader, splittable = _training_data(model, records, config, device=device, private=private,
+                                                 generator=generator)
+    cached = trained is not model
     optimizer = build_optimizer(
-        config.optimizer, model.parameters(), learning_rate=config.learning_rate, weight_decay=config.weight_decay
+        config.optimizer, trained.parameters(), learning_rate=config.learning_rate, weight_decay=config.weight_decay
     )
     loss_fn = build_loss(config.loss, class_counts(records), class_weights=config.class_weights,
-                         private=private).to(device)
-    after_step = proximal_step(model, config.learning_rate, proximal_mu) if proximal_mu > 0 else None
+                         private=private)
+    loss_fn = (ViewsLoss(loss_fn) if cached else loss_fn).to(device)
+    average = ExponentialAverage(trained.parameters(), config.federation.ema_decay) \
+        if config.federation.ema_decay > 0 else None
+    after_step = chained(proximal_step(trained, config.learning_rate, proximal_mu) if proximal_mu > 0 else None,
+                         average.update if average is not None else None)
 
     if not private:
-        losses = [train_one_epoch(model, loader, optimizer, loss_fn, device=device, after_step=after_step)
+        losses = [train_one_epoch(trained, loader, optimizer, loss_fn, device=device, after_step=after_step)
                   for _ in range(epochs)]
+        if average is not None:
+            average.copy_to()
         return LocalResult(num_examples=len(records), train_loss=losses[-1], privacy=None)
 
     assert privacy_state is not None and state_dir is not None
@@ -179,11 +212,18 @@ def train_site_round(
 
     engine = PrivacyEngine(accountant=privacy_state.accountant)
     engine.accountant.history = list(privacy_state.history)
+    # On cached features the head is all that trains: flat clipping is as cheap as ghost there.
     private_model, private_optimizer, loss_fn, private_loader = make_private(
-        engine, model, optimizer, loader, loss_fn, noise_multiplier=noise, config=config,
-        noise_generator=fresh_generator(device))
-    with frozen_batch_norms_held(model):
+        engine, trained, optimizer, loader, loss_fn, noise_multiplier=noise, config=config,
+        noise_generator=fresh_generator(device), ghost=False if cached else None)
+    with frozen_batch_norms_held(model), warnings.catch_warnings():
+        # Opacus' hooks on a head fed cached features (data, needing no gradient) say so each step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for _ in range(epochs):
+            if not splittable:
+                train_one_epoch(private_model, private_loader, private_optimizer, loss_fn,
+                                device=device, after_step=after_step)
+                continue
             with BatchMemoryManager(
                 data_loader=private_loader,
                 max_physical_batch_size=config.privacy.max_physical_batch_size,
@@ -191,9 +231,12 @@ def train_site_round(
             ) as physical_loader:
                 train_one_epoch(private_model, physical_loader, private_optimizer, loss_fn,
                                 device=device, after_step=after_step)
-    # The wrapped module is `model` itself, already trained; only Opacus' hooks must go.
+    # The wrapped module is `trained` itself (the model or its head), already trained; only
+    # Opacus' hooks must go.
     private_model.remove_hooks()
     private_model.cleanup()
+    if average is not None:
+        average.copy_to()
     taken = steps_in(engine.accountant.history) - steps_in(privacy_state.history)
     if taken != steps:
         # Fail closed: the budget check projected `steps`; an update from more (or other) steps

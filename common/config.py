@@ -34,7 +34,10 @@ ENCODER_NAMES = (
     "mobilenet_v3_large",
     "efficientnet_b0",
     "densenet121",
+    "scattering",
 )
+# Encoders with no learned weight (fixed wavelet filters): frozen by construction.
+PARAMETER_FREE_ENCODERS = ("scattering",)
 # Opacus accountants whose epsilon composes a site's whole history (dp-accounting agrees).
 ACCOUNTANT_NAMES = ("rdp", "prv")
 METRIC_NAMES = (
@@ -125,6 +128,10 @@ class AugmentationConfig(Section):
 
     enabled: bool = True
     strength: float = Field(default=1.0, ge=0.0, le=2.0)
+    # Augmentation multiplicity (De et al. 2022): views per image whose losses are averaged
+    # before per-example clipping. Used where the encoder is frozen and features are cached
+    # (`common.data.features`): view 0 is the image itself, the others augmentations.
+    multiplicity: int = Field(default=1, ge=1, le=32)
 
 
 class FreezeConfig(Section):
@@ -232,6 +239,9 @@ class FederationConfig(Section):
     min_available_sites: int = Field(default=2, ge=1)
     proximal_mu: float = Field(default=0.01, ge=0.0)
     server_learning_rate: float = Field(default=0.01, gt=0.0)
+    # A site releases the exponential moving average of its local iterates (decay per step,
+    # 0: the last iterate). Under DP it is post-processing of noised steps and costs nothing.
+    ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0)
     client_dp: ClientDPConfig = ClientDPConfig()
     secure_aggregation: bool = False
 
@@ -470,6 +480,31 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"callbacks monitor {', '.join(m for m in monitors if m.startswith('train_'))}: a private site does "
                 "not release its training metrics; monitor a val_ metric (held-out patients) instead")
+        return self
+
+    @model_validator(mode="after")
+    def _augmentation_reaches_the_training(self) -> "ExperimentConfig":
+        """A frozen encoder's features are cached (`common.data.features`): augmentation then acts
+        only through ``augmentation.multiplicity`` views, never silently not at all."""
+        augmentation = self.augmentation
+        augmenting = augmentation.enabled and augmentation.strength > 0
+        epochs, counted = ((self.federation.rounds * self.federation.local_epochs, "rounds x local_epochs")
+                           if self.training == "federated" else (self.epochs, "epochs"))
+        frozen = self.encoder in PARAMETER_FREE_ENCODERS or self.model.freeze.head_only_epochs >= epochs
+        if augmentation.multiplicity > 1 and not augmenting:
+            raise ValueError(
+                f"augmentation.multiplicity {augmentation.multiplicity} with augmentation off: every view "
+                "would be the same image; enable augmentation (strength > 0) or set multiplicity to 1")
+        if augmentation.multiplicity > 1 and not frozen:
+            raise ValueError(
+                f"augmentation.multiplicity {augmentation.multiplicity} needs the encoder frozen for the "
+                f"whole run (features are cached): set model.freeze.head_only_epochs >= {epochs} "
+                f"({counted}), use encoder 'scattering', or set multiplicity to 1")
+        if augmenting and augmentation.multiplicity == 1 and frozen:
+            raise ValueError(
+                "augmentation is enabled but the encoder is frozen for the whole run, so training uses cached "
+                "features of the images themselves and no augmentation would ever be applied; set "
+                "augmentation.multiplicity > 1 (augmented views per image) or disable augmentation")
         return self
 
     @model_validator(mode="after")

@@ -12,9 +12,10 @@ NaN (``null`` in JSON), never as a made-up 0.5.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from common.data.records import BENIGN, CLASS_NAMES, MALIGNANT, NORMAL
@@ -106,3 +107,26 @@ def _binary_auc(truth: np.ndarray, score: np.ndarray) -> float:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else math.nan
+
+
+def mean_interval(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of repeated measurements and its Student-t confidence interval.
+
+    One value has no interval (low = high = the value); NaNs are not dropped (a failed
+    repetition makes the whole interval NaN rather than a flattering one).
+    """
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = float(data.mean())
+    if data.size == 1:
+        return mean, mean, mean
+    half = float(stats.t.ppf((1 + confidence) / 2, df=data.size - 1) * data.std(ddof=1) / math.sqrt(data.size))
+    return mean, mean - half, mean + half
+
+
+def retention(auc: float, baseline_auc: float) -> float:
+    """How much of the baseline's lead over chance a model keeps: (AUC - 0.5) / (AUC_baseline - 0.5)."""
+    if baseline_auc <= 0.5:
+        return math.nan
+    return (auc - 0.5) / (baseline_auc - 0.5)

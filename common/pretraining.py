@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.errors import ConfigError, DataError
 from common.models.autoencoder import ConvAutoencoder, save_encoder
 from common.models.encoders import Norm, build_encoder
+from common.models.transfer import save_encoder_checkpoint
 from common.training import seed_everything, train_one_epoch
 
 
@@ -88,3 +89,43 @@ def pretrain_autoencoder(
         losses.append(loss)
     save_encoder(model, out_path, source=source, detail=source_detail)
     return PretrainResult(out_path=Path(out_path), epochs=epochs, final_loss=losses[-1], losses=tuple(losses))
+
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    out_path: Path
+    images: int  # how many images the statistics were measured on
+
+
+@torch.no_grad()
+def measure_feature_statistics(
+    dataset: Dataset,
+    *,
+    encoder_name: str,
+    norm: Norm,
+    batch_size: int,
+    out_path: Path,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    source: str = "training-data",
+    source_detail: str = "",
+) -> FeatureStatistics:
+    """For an encoder without parameters (wavelet scattering): measure the per-feature mean
+    and standard deviation of its output on `dataset` and write them into the encoder file.
+
+    That is all such an encoder ever learns from images, so the pool must be public for a
+    federated run (the file records `source`, and a federated run refuses anything else).
+    """
+    if len(dataset) < 2:
+        raise DataError(f"measuring feature statistics needs at least 2 images, but the pool holds {len(dataset)}")
+    encoder = build_encoder(encoder_name, norm=norm).to(device).eval()
+    standardiser = getattr(encoder.trunk, "standardise", None)
+    if standardiser is None:
+        raise ConfigError(f"encoder {encoder_name!r} learns its weights: pretrain it as an autoencoder")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    raw = torch.cat([encoder.trunk.raw(((images.to(device) - encoder.input_mean) / encoder.input_std)).cpu()
+                     for images, _ in loader])
+    standardiser.set_statistics(raw.mean(dim=0).to(device), raw.std(dim=0).to(device))
+    save_encoder_checkpoint(encoder, out_path, source=source, detail=source_detail)
+    return FeatureStatistics(out_path=Path(out_path), images=len(raw))

@@ -57,6 +57,48 @@ def build_optimizer(
     raise ConfigError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZER_NAMES)}")
 
 
+class ExponentialAverage:
+    """An exponential moving average of parameters, updated after each optimizer step.
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) so that the first steps, far from
+    where training ends up, are forgotten quickly. `copy_to` writes the average into the
+    parameters; under DP-SGD it is a function of the noised iterates only (post-processing).
+    """
+
+    def __init__(self, parameters: Iterable[nn.Parameter], decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"ema decay {decay} is invalid; valid: 0 <= decay < 1")
+        self.decay = decay
+        self.parameters = [parameter for parameter in parameters if parameter.requires_grad]
+        self.average = [parameter.detach().clone() for parameter in self.parameters]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for average, parameter in zip(self.average, self.parameters):
+            average.mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for average, parameter in zip(self.average, self.parameters):
+            parameter.copy_(average)
+
+
+def chained(*steps: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One after-step callback running `steps` in order (None where none is given)."""
+    present = [step for step in steps if step is not None]
+    if not present:
+        return None
+
+    def run() -> None:
+        for step in present:
+            step()
+
+    return run
+
+
 def show_progress(verbose: int) -> bool:
     """Progress bars only for verbose >= 1 on an interactive terminal (never in CI logs)."""
     return verbose >= 1 and sys.stderr.isatty()

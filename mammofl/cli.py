@@ -48,12 +48,17 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from common.config import load_config
+    from common.pretraining import FeatureStatistics
     from simulations.pretrain import pretrain_from_config
 
     config = load_config(args.config)
     result = pretrain_from_config(config, out_path=args.out)
-    print(f"pretrained encoder '{config.encoder}' for {result.epochs} epochs, "
-          f"final reconstruction loss {result.final_loss:.5f}: {result.out_path}")
+    if isinstance(result, FeatureStatistics):
+        print(f"encoder '{config.encoder}' has no learned weights; its feature statistics were measured on "
+              f"{result.images} {config.pretraining.source} images: {result.out_path}")
+    else:
+        print(f"pretrained encoder '{config.encoder}' for {result.epochs} epochs, "
+              f"final reconstruction loss {result.final_loss:.5f}: {result.out_path}")
     return 0
 
 

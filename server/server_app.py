@@ -23,7 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.callbacks import ModelCheckpoint
 from common.config import ExperimentConfig
-from common.data.pipeline import load_records, make_loader
+from common.data.features import evaluation_input
+from common.data.pipeline import load_records
 from common.data.records import CLASS_NAMES
 from common.losses import build_loss
 from common.metrics import unusable_because
@@ -34,7 +35,7 @@ from common.runs import AppSettings, RunDirectory, app_config, resolve_app_setti
 from common.training import evaluate, seed_everything, select_device
 from server.compression import check_compression, compress_run
 from server.privacy_ledger import PrivacyLedger, write_report
-from server.strategy import build_strategy
+from server.strategy import build_strategy, kept_where_unchanged
 
 RoundObserver = Callable[[int, dict[str, Any], list[dict[str, Any]]], None]
 """Called after each round with (round, metrics, ledger rows of the round)."""
@@ -97,7 +98,7 @@ class Federation:
         self.checkpoint = ModelCheckpoint(config.checkpoint, run.model_dir)
         self.site_of_node: dict[int, str] = {}
         records = load_records(config.data)
-        self.test_loader = make_loader([r for r in records if r.split == "test"], config, train=False)
+        self.test_records = [r for r in records if r.split == "test"]
         self.loss_fn = build_loss(config.loss, [1] * len(CLASS_NAMES))
 
     def run_rounds(self) -> dict[str, Any]:
@@ -124,7 +125,9 @@ class Federation:
                 self._record_client_level(server_round, outcome)
             model.load_state_dict(arrays.to_torch_state_dict())
             metrics = {"train_loss": train_loss, **outcome.counts}
-            metrics |= {f"test_{k}": v for k, v in evaluate(model, self.test_loader, self.loss_fn, device=self.device).items()}
+            tested = evaluate(*evaluation_input(model, self.test_records, config, device=self.device), self.loss_fn,
+                              device=self.device)
+            metrics |= {f"test_{k}": v for k, v in tested.items()}
             metrics |= self._federated_evaluation(server_round, arrays)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             self._finish_round(server_round, model, metrics, outcome)
@@ -151,6 +154,10 @@ class Federation:
         if not outcome.trained:
             return None, float("nan"), outcome
         aggregated, train_metrics = self.strategy.aggregate_train(server_round, outcome.trained)
+        if aggregated is not None and self.config.federation.client_dp.mode == "off":
+            # Under client-level DP the aggregate carries the aggregator's noise everywhere: left as it is.
+            aggregated = kept_where_unchanged(aggregated, arrays,
+                                              [reply.content["arrays"] for reply in outcome.trained])
         return aggregated, _metric(train_metrics, "train_loss"), outcome
 
     def _record_client_level(self, server_round: int, outcome: RoundReplies) -> None:

@@ -57,6 +57,24 @@ def scaled_update(aggregated: ArrayRecord, start: ArrayRecord, factor: float) ->
     return ArrayRecord(scaled)
 
 
+def kept_where_unchanged(aggregated: ArrayRecord, sent: ArrayRecord, replies: Iterable[ArrayRecord]) -> ArrayRecord:
+    """The aggregate, with every array that no site changed set back to exactly what was sent.
+
+    A weighted mean of identical float arrays is that array only up to rounding: frozen
+    weights, fixed filters and held BatchNorm statistics would drift in their last bits round
+    after round, and every cache keyed by them (`common.data.features`) would miss. A
+    function of the replies alone, so under site-level DP it is post-processing.
+    """
+    replies = [dict(reply.items()) for reply in replies]
+    kept = {}
+    for name, value in aggregated.items():
+        before = sent[name].numpy() if name in sent else None
+        unchanged = before is not None and all(
+            name in reply and np.array_equal(reply[name].numpy(), before) for reply in replies)
+        kept[name] = Array(np.asarray(before)) if unchanged else value
+    return ArrayRecord(kept)
+
+
 class MeanOverSampledSites(Strategy):
     """The inner strategy's mean taken over every sampled site, a missing reply counting as a zero update.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.callbacks import EarlyStopping, ModelCheckpoint
 from common.config import ExperimentConfig
+from common.data.features import ViewsLoss, evaluation_input, view_training_data
 from common.data.pipeline import (
     Splits,
     centralised_splits,
@@ -70,8 +71,17 @@ def train_centralised(config: ExperimentConfig, *, log=print) -> TrainResult:
     freeze = freeze_schedule_from_config(config)
     checkpoint = ModelCheckpoint(config.checkpoint, run.model_dir)
     stopper = EarlyStopping(config.early_stopping) if config.early_stopping else None
-    train_loader = make_loader(splits.train, config, train=True, generator=generator)
-    val_loader = make_loader(splits.val or splits.train, config, train=False)
+    # An encoder frozen for the whole run (or without parameters) computes its features once
+    # (`common.data.features`): the epochs train the head on them.
+    if not model.encoder.trainable or config.model.freeze.head_only_epochs >= config.epochs:
+        freeze.apply(model, 0)
+        trained, train_loader = view_training_data(model, splits.train, config, device=device, shuffle=True,
+                                                   generator=generator)
+        train_loss_fn = ViewsLoss(loss_fn)
+    else:
+        trained, train_loss_fn = model, loss_fn
+        train_loader = make_loader(splits.train, config, train=True, generator=generator)
+    validated, val_loader = evaluation_input(model, splits.val or splits.train, config, device=device)
 
     def save(path: Path, include_optimizer: bool, epoch: int, metrics: dict[str, float]) -> None:
         extra = {"epoch": epoch, "metrics": metrics, "class_names": list(CLASS_NAMES),
@@ -85,9 +95,10 @@ def train_centralised(config: ExperimentConfig, *, log=print) -> TrainResult:
         started = time.perf_counter()
         freeze.apply(model, epoch - 1)
         train_loss = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device=device, progress=progress, description=f"epoch {epoch}"
+            trained, train_loader, optimizer, train_loss_fn, device=device, progress=progress,
+            description=f"epoch {epoch}"
         )
-        val_metrics = evaluate(model, val_loader, loss_fn, device=device)
+        val_metrics = evaluate(validated, val_loader, loss_fn, device=device)
         metrics = {"train_loss": train_loss, **{f"val_{key}": value for key, value in val_metrics.items()}}
         run.log_metrics({"epoch": epoch, "seconds": round(time.perf_counter() - started, 3), **metrics})
         tracker.log_epoch(epoch, metrics)
@@ -115,7 +126,7 @@ def train_centralised(config: ExperimentConfig, *, log=print) -> TrainResult:
 def _test_best_model(config, run, splits: Splits, checkpoint: ModelCheckpoint, device, loss_fn) -> dict[str, float]:
     best_path = checkpoint.best_path if checkpoint.best_path.exists() else run.model_dir / "last.pt"
     model, _ = load_checkpoint(best_path)
-    return evaluate(model.to(device), make_loader(splits.test, config, train=False), loss_fn, device=device)
+    return evaluate(*evaluation_input(model.to(device), splits.test, config, device=device), loss_fn, device=device)
 
 
 def _export(config: ExperimentConfig, run: RunDirectory, checkpoint: ModelCheckpoint) -> Path:

@@ -49,6 +49,9 @@ def simulate(config: ExperimentConfig, *, resume: Path | None = None, log=print)
     if config.federation.secure_aggregation:
         sampled_sites(config.federation, len(sites))  # SecAgg+ needs three sites a round: say so now
     logging.getLogger("flwr").setLevel(logging.INFO if config.verbose >= 2 else logging.ERROR)
+    # Ray warns (FutureWarning, every run) that it will stop overriding CUDA_VISIBLE_DEVICES for
+    # actors that ask for no GPU; ours ask for none and need no override: opt in to the future.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run = _run_directory(config, resume)
     settings = AppSettings(config_path=run.root / "config.json", run_dir=run.root)
     tracker = Tracker(config, run)

@@ -15,12 +15,18 @@ from common.data.dataset import MammogramDataset
 from common.data.pipeline import ensure_synthetic, load_records
 from common.data.records import ImageRecord
 from common.errors import ConfigError
-from common.pretraining import PretrainResult, pretrain_autoencoder
+from common.models.encoders import build_encoder
+from common.pretraining import FeatureStatistics, PretrainResult, measure_feature_statistics, pretrain_autoencoder
 from common.training import seed_everything, select_device, show_progress
 
 
-def pretrain_from_config(config: ExperimentConfig, *, out_path: Path | None = None) -> PretrainResult:
-    """Pretrain and write the encoder to `out_path` (default: the config's ``model.pretrained``)."""
+def pretrain_from_config(config: ExperimentConfig, *, out_path: Path | None = None
+                         ) -> PretrainResult | FeatureStatistics:
+    """Pretrain and write the encoder to `out_path` (default: the config's ``model.pretrained``).
+
+    An encoder without parameters (``scattering``) learns nothing but the statistics that
+    standardise its features; those are measured on the pool instead.
+    """
     target = out_path or config.model.pretrained
     if target is None:
         raise ConfigError("pretraining needs a place for the encoder: set model.pretrained or pass --out")
@@ -31,6 +37,11 @@ def pretrain_from_config(config: ExperimentConfig, *, out_path: Path | None = No
         pool, image_size=config.model.image_size, mode=config.data.mode, cache_dir=config.data.cache_dir
     )
     target.parent.mkdir(parents=True, exist_ok=True)
+    if not build_encoder(config.encoder, norm=config.norm).trainable:
+        return measure_feature_statistics(
+            dataset, encoder_name=config.encoder, norm=config.norm, batch_size=config.pretraining.batch_size,
+            out_path=target, device=select_device(config.device), num_workers=config.num_workers,
+            source=config.pretraining.source, source_detail=_pool_description(config))
     return pretrain_autoencoder(
         dataset,
         encoder_name=config.encoder,

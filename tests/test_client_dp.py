@@ -139,3 +139,20 @@ def test_the_client_level_epsilon_matches_dp_accounting(noise, rounds):
 
     assert summary["epsilon"] == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
     assert summary["rounds"] == list(range(1, rounds + 1))
+
+
+def test_an_array_no_site_changed_is_kept_bit_for_bit_and_a_changed_one_is_the_aggregate():
+    from server.strategy import kept_where_unchanged
+
+    fixed = np.array([0.1, 0.7, 1 / 3], dtype=np.float32)
+    sent = ArrayRecord({"fixed": Array(fixed), "head": Array(np.zeros(2, dtype=np.float32))})
+    replies = [ArrayRecord({"fixed": Array(fixed.copy()), "head": Array(np.full(2, value, dtype=np.float32))})
+               for value in (1.0, 2.0, 4.0)]
+    # What a weighted mean makes of the identical arrays: equal only up to rounding.
+    drifted = (fixed * np.float32(0.3) + fixed * np.float32(0.3) + fixed * np.float32(0.4)).astype(np.float32)
+    aggregated = ArrayRecord({"fixed": Array(drifted), "head": Array(np.full(2, 2.5, dtype=np.float32))})
+
+    kept = kept_where_unchanged(aggregated, sent, replies)
+
+    assert np.array_equal(kept["fixed"].numpy(), fixed)
+    assert np.array_equal(kept["head"].numpy(), np.full(2, 2.5, dtype=np.float32))

@@ -82,3 +82,16 @@ def test_a_model_that_answers_one_class_for_every_image_is_named_unusable():
     assert unusable_because(working) is None
     assert "no better than chance" in unusable_because({"predicted_classes": 3, "macro_auc": 0.48})
     assert unusable_because({"predicted_classes": 2, "macro_auc": math.nan}) is None
+
+
+def test_mean_interval_is_the_student_t_interval_and_retention_is_the_share_of_the_lead_over_chance():
+    from common.metrics import mean_interval, retention
+
+    mean, low, high = mean_interval([0.80, 0.84, 0.82])
+
+    # t(0.975, 2) = 4.303; sd = 0.02; half-width = 4.303 * 0.02 / sqrt(3) = 0.0497
+    assert mean == pytest.approx(0.82)
+    assert (low, high) == (pytest.approx(0.82 - 0.0497, abs=1e-4), pytest.approx(0.82 + 0.0497, abs=1e-4))
+    assert mean_interval([0.7]) == (0.7, 0.7, 0.7)
+    assert retention(0.85, 0.90) == pytest.approx(0.875)
+    assert math.isnan(retention(0.85, 0.5))

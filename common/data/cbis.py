@@ -283,13 +283,24 @@ def _build_records(
             _raise_missing(row, MASK_COLUMN, row.mask, where, skip_missing)
             skipped_masks += 1
         abnormalities.setdefault(image, []).append((row, mask))
-    if skipped_images or skipped_masks:
+    if (skipped_images or skipped_masks) and _first_time((where, skipped_images, len(rows), skipped_masks)):
         logger.warning(
             "CBIS-DDSM %s: skipped %d of %d rows whose image is missing and %d ROI masks "
             "that are missing",
             where, skipped_images, len(rows), skipped_masks,
         )
     return [_image_record(image, entries) for image, entries in abnormalities.items()]
+
+
+_REPORTED: set[tuple] = set()
+
+
+def _first_time(report: tuple) -> bool:
+    """Whether this process has not said `report` yet: a tree read three times warns once."""
+    if report in _REPORTED:
+        return False
+    _REPORTED.add(report)
+    return True
 
 
 def _raise_missing(row: CaseRow, column: str, path: CsvPath, where: str, skip_missing: bool) -> None:

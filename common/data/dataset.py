@@ -97,11 +97,11 @@ class MammogramDataset(Dataset[tuple[torch.Tensor, int]]):
     def _array(self, record: ImageRecord) -> np.ndarray:
         if self.cache_dir is None:
             return self._prepare(record)
-        cached = self.cache_dir / f"{self._cache_key(record)}.npy"
+        cached = self.cache_dir / f"{self.cache_key(record)}.npy"
         if cached.is_file():
             return np.load(cached)
         array = self._prepare(record)
-        _save_atomically(cached, array)
+        save_atomically(cached, array)
         return array
 
     def _prepare(self, record: ImageRecord) -> np.ndarray:
@@ -110,7 +110,7 @@ class MammogramDataset(Dataset[tuple[torch.Tensor, int]]):
             return preprocess(image, self.image_size)
         return roi_crop(image, record, self.image_size)
 
-    def _cache_key(self, record: ImageRecord) -> str:
+    def cache_key(self, record: ImageRecord) -> str:
         """Changes whenever the image (or, in ROI mode, a mask) file or the settings change."""
         files = [record.image_path] + (list(record.roi_mask_paths) if self.mode == "roi" else [])
         identity = [_file_identity(path) for path in files]
@@ -197,7 +197,7 @@ def _file_identity(path: Path) -> list[str | int]:
     return [str(path.resolve()), stat.st_mtime_ns, stat.st_size]
 
 
-def _save_atomically(target: Path, array: np.ndarray) -> None:
+def save_atomically(target: Path, array: np.ndarray) -> None:
     """Write to a temporary file beside `target`, then rename: readers never see half a file."""
     descriptor, temporary = tempfile.mkstemp(dir=target.parent, suffix=".npy.tmp")
     try:

@@ -30,13 +30,10 @@ from torch import Tensor, nn
 from torchvision import models
 
 from common.errors import ModelError
+from common.models.scattering import ScatteringFeatures
 
 Norm = Literal["batch", "group"]
 NORMS: tuple[str, ...] = ("batch", "group")
-
-# Statistics of a fresh encoder: keep [0, 1] mammograms (mostly dark background) near zero mean.
-DEFAULT_INPUT_MEAN = 0.5
-DEFAULT_INPUT_STD = 0.25
 
 
 @dataclass(frozen=True)
@@ -49,10 +46,13 @@ class Trunk:
     """
 
     layers: nn.Module
-    input_conv: str
+    input_conv: str | None  # None: the trunk has no learned first convolution
     blocks: tuple[tuple[str, ...], ...]
     out_features: int
     reduction: int
+    pooled: bool = False  # True: `layers` already returns [N, out_features]
+    input_mean: float = 0.5  # what a fresh encoder normalises its [0, 1] input with
+    input_std: float = 0.25
 
 
 class Encoder(nn.Module):
@@ -71,10 +71,11 @@ class Encoder(nn.Module):
         self.trunk = trunk.layers
         self.out_features = trunk.out_features
         self.reduction = trunk.reduction
-        self.input_conv = f"trunk.{trunk.input_conv}"
+        self.pooled = trunk.pooled
+        self.input_conv = None if trunk.input_conv is None else f"trunk.{trunk.input_conv}"
         self._block_names = trunk.blocks
-        self.register_buffer("input_mean", torch.tensor(DEFAULT_INPUT_MEAN))
-        self.register_buffer("input_std", torch.tensor(DEFAULT_INPUT_STD))
+        self.register_buffer("input_mean", torch.tensor(trunk.input_mean))
+        self.register_buffer("input_std", torch.tensor(trunk.input_std))
 
     def set_input_statistics(self, mean: float, std: float) -> None:
         """Normalise inputs with the statistics the weights were trained under."""
@@ -82,11 +83,18 @@ class Encoder(nn.Module):
         self.input_std.fill_(std)
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """The feature map [N, out_features, h, w] before pooling (h = S / reduction, rounded up)."""
+        """The feature map [N, out_features, h, w] before pooling (h = S / reduction, rounded up);
+        for a `pooled` trunk the features [N, out_features] themselves."""
         return self.trunk((images - self.input_mean) / self.input_std)
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the encoder has any parameter at all (the scattering encoder has none)."""
+        return any(True for _ in self.parameters())
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.forward_features(images).mean(dim=(2, 3))
+        features = self.forward_features(images)
+        return features if self.pooled else features.mean(dim=(2, 3))
 
     def blocks(self) -> list[nn.Module]:
         """The encoder's stages, input -> output; together they hold every parameter.
@@ -164,8 +172,17 @@ def _densenet(constructor: Callable[..., models.DenseNet]) -> Trunk:
     )
 
 
+def _scattering() -> Trunk:
+    """Wavelet scattering statistics (`common.models.scattering`): fixed filters, no parameter."""
+    features = ScatteringFeatures()
+    # Scattering sees raw [0, 1] pixels: its log and maximum are not shift-invariant.
+    return Trunk(layers=features, input_conv=None, blocks=(), out_features=features.out_features,
+                 reduction=4, pooled=True, input_mean=0.0, input_std=1.0)
+
+
 _ARCHITECTURES: dict[str, Callable[[], Trunk]] = {
     "smallcnn": _small_cnn,
+    "scattering": _scattering,
     "resnet18": partial(_resnet, models.resnet18),
     "resnet34": partial(_resnet, models.resnet34),
     "resnet50": partial(_resnet, models.resnet50),
@@ -222,8 +239,8 @@ def build_encoder(name: str, *, norm: Norm = "batch") -> Encoder:
     if norm not in NORMS:
         raise ModelError(f"unknown norm {norm!r} for encoder {name!r}; valid norms: {', '.join(NORMS)}")
     trunk = _ARCHITECTURES[name]()
-    if trunk.layers.get_submodule(trunk.input_conv).in_channels != 1:
+    if trunk.input_conv is not None and trunk.layers.get_submodule(trunk.input_conv).in_channels != 1:
         _use_single_channel_input(trunk)
-    if norm == "group":
+    if norm == "group" and trunk.blocks:
         trunk = replace(trunk, layers=_without_inplace_ops(ModuleValidator.fix(trunk.layers)))
     return Encoder(name, norm, trunk)

@@ -33,7 +33,9 @@ images, and a fine-tune on a few dozen server images moved predictions more (80-
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +74,37 @@ class _CalibrationImages(CalibrationDataReader):
         return None if batch is None else {ONNX_INPUT: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
+class _PerTensorFallbackNotice(logging.Filter):
+    """Drops ORT's "Axis 1 is out-of-range for weight ... with rank 1" warning.
+
+    With per_channel=True the QDQ quantiser asks every weight for its channel axis; a weight of
+    rank 1 has none and is quantised per tensor instead, which is what it should be. ORT logs that on the root logger once per
+    such weight, a screenful per compression run that says nothing is wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_per_tensor_fallbacks() -> Iterator[None]:
+    notice = _PerTensorFallbackNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 def quantize_static_int8(fp32_model: Path, out_path: Path, calibration: np.ndarray, work_dir: Path) -> None:
     """Write the int8 QDQ version of `fp32_model`, calibrated on `calibration` [K, 1, S, S]."""
     prepared = _prepared(fp32_model, work_dir)
+    with _quiet_per_tensor_fallbacks():
+        _quantize_static(prepared, out_path, calibration)
+
+
+def _quantize_static(prepared: Path, out_path: Path, calibration: np.ndarray) -> None:
     quantize_static(
         str(prepared),
         str(out_path),
