@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from common.config import ExperimentConfig
 from common.data.dataset import MammogramDataset, save_atomically
@@ -34,6 +35,7 @@ from common.data.records import ImageRecord
 from common.data.transforms import build_train_transform
 from common.data.pipeline import make_loader
 from common.models.encoders import Encoder
+from common.training import show_progress
 
 FEATURE_CACHE_VERSION = 1
 _BATCH = 64
@@ -82,7 +84,10 @@ class FeatureCache:
                 if path.is_file():
                     found[index] = np.load(path)
         missing = [index for index in range(len(keys)) if index not in found]
-        for start in range(0, len(missing), _BATCH):
+        chunks = range(0, len(missing), _BATCH)
+        # A bar only on a terminal (a site's process in a simulation has none).
+        for start in tqdm(chunks, desc="features", unit="batch", leave=False,
+                          disable=not show_progress(self.config.verbose) or len(chunks) < 2):
             chunk = missing[start:start + _BATCH]
             computed = self._compute(dataset, [(index, images[index]) for index in chunk])
             for index, array in zip(chunk, computed):

@@ -158,11 +158,9 @@ class ScatteringFeatures(nn.Module):
         super().__init__()
         self.scattering = Scattering2D()
         self.pool = PooledStatistics()
+        # A plain attribute, like a Linear layer's: model files record and restore it.
+        self.out_features = len(POOLED_STATISTICS) * self.scattering.channels
         self.standardise = FeatureStandardiser(self.out_features)
-
-    @property
-    def out_features(self) -> int:
-        return len(POOLED_STATISTICS) * (1 + SCALES * ORIENTATIONS + ORIENTATIONS * ORIENTATIONS)
 
     def raw(self, images: Tensor) -> Tensor:
         """The pooled statistics before standardisation."""

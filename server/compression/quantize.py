@@ -133,7 +133,13 @@ def quantize_dynamic_int8(fp32_model: Path, out_path: Path, work_dir: Path) -> N
 def _prepared(fp32_model: Path, work_dir: Path) -> Path:
     """`fp32_model` after ORT's recommended pre-processing (shape inference, BatchNorm folding)."""
     prepared = work_dir / f"{fp32_model.stem}-prepared.onnx"
-    quant_pre_process(str(fp32_model), str(prepared))
+    try:
+        quant_pre_process(str(fp32_model), str(prepared))
+    except TypeError:
+        # ORT's symbolic shape inference loses the shapes of reflection-padded convolutions
+        # (the scattering encoder's) and fails on the Concat after them; ONNX's own shape
+        # inference, which the pre-processing also runs, handles them.
+        quant_pre_process(str(fp32_model), str(prepared), skip_symbolic_shape=True)
     return prepared
 
 
