@@ -167,10 +167,11 @@ def test_a_stored_state_with_an_accountant_we_do_not_trust_stops_the_site(tmp_pa
         SitePrivacyState.load_or_create(tmp_path, "site-01", config.privacy)
 
 
-def test_frozen_batch_norm_buffers_do_not_move_under_dp_but_do_without_it(tmp_path, site_records):
+def test_frozen_batch_norm_buffers_do_not_move_in_a_site_round_with_or_without_dp(tmp_path, site_records):
+    # A frozen encoder's features are computed in eval mode and cached (common.data.features):
+    # its BatchNorm statistics, buffers that travel in the update, stay as they came.
     _, records = site_records
     frozen = {"model": {"norm": "batch", "freeze": {"head_only_epochs": 10}}}
-    buffers_moved = {}
     for private in (True, False):
         config = site_config(tmp_path, **frozen, privacy={"enabled": private})
         model = build_classifier(config.encoder, norm="batch", dropout=0.0)
@@ -180,9 +181,26 @@ def test_frozen_batch_norm_buffers_do_not_move_under_dp_but_do_without_it(tmp_pa
                          privacy_state=SitePrivacyState.load_or_create(tmp_path / str(private), "s", config.privacy),
                          state_dir=tmp_path / str(private))
         assert not torch.equal(flat(model.head), head_before)
-        buffers_moved[private] = [name for name, tensor in model.named_buffers() if not torch.equal(tensor, before[name])]
-    assert buffers_moved[True] == []
-    assert buffers_moved[False]  # the hold is what keeps them: without it, train mode moves them
+        assert [name for name, tensor in model.named_buffers() if not torch.equal(tensor, before[name])] == []
+
+
+def test_the_hold_keeps_frozen_batch_norm_layers_in_eval_mode_under_train_mode():
+    from clients.local_training import frozen_batch_norms_held
+
+    images = torch.rand(8, 1, 32, 32)
+    moved = {}
+    for held in (True, False):
+        model = build_classifier("smallcnn", norm="batch", dropout=0.0).train()
+        model.encoder.requires_grad_(False)
+        before = {name: tensor.clone() for name, tensor in model.encoder.named_buffers()}
+        if held:
+            with frozen_batch_norms_held(model):
+                model(images)
+        else:
+            model(images)
+        moved[held] = [name for name, tensor in model.encoder.named_buffers() if not torch.equal(tensor, before[name])]
+    assert moved[True] == []
+    assert moved[False]  # the hold is what keeps them: without it, train mode moves them
 
 
 def site_of(config, records, tmp_path, node=None) -> Site:
