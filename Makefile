@@ -32,9 +32,13 @@ $(INSTALLED): pyproject.toml
 
 venv: $(INSTALLED)
 
+# CBIS-DDSM scale: about 1,000 training images a site (its ~3,100 images split three ways).
+DEMO_PER_SITE := 1250
 demo-data: venv
+	@if test -f $(DEMO_DATA)/raw/manifest.json && ! grep -q '"per_site": $(DEMO_PER_SITE),' $(DEMO_DATA)/raw/manifest.json; then \
+		echo "$(DEMO_DATA) holds demo data of another size (not $(DEMO_PER_SITE) images a site): run make clean first" >&2; exit 2; fi
 	test -f $(DEMO_DATA)/raw/manifest.json || $(PY) -m mammofl data synth --out $(DEMO_DATA)/raw \
-		--sites 3 --per-site 1250 --size 192 --seed 0 --lesion-contrast 1.5
+		--sites 3 --per-site $(DEMO_PER_SITE) --size 192 --seed 0 --lesion-contrast 1.5
 	$(PY) -m mammofl anonymize $(DEMO_DATA)/raw $(DEMO_DATA)/deidentified --secret-file $(DEMO_SECRET) \
 		$$(test -f $(DEMO_SECRET) || echo --create-secret)
 	for site in $(DEMO_DATA)/raw/site-*; do \

@@ -7,7 +7,9 @@ In one run, on the same data and from the same non-site starting weights (the co
 - non-private federated training;
 - DP federated training at each epsilon (delta, clipping and the recipe as configured);
 each repeated ``--repetitions`` times with seeds seed, seed + 1, ... (DP noise is fresh
-entropy every round anyway). Prints the table (mean and 95% Student-t interval of the test
+entropy every round anyway). The non-private arms train at their own learning rate
+(``--nonprivate-learning-rate``): the config's is tuned for DP-SGD's clipped gradients, and
+an under-trained baseline would flatter the retention. Prints the table (mean and 95% Student-t interval of the test
 macro AUC and balanced accuracy, and how many repetitions predicted a single class) and the
 retention (AUC_eps - 0.5) / (AUC_central - 0.5) at each epsilon, and writes
 ``runs/bench/utility.json``:
@@ -39,9 +41,13 @@ RESULT_KEYS = ("macro_auc", "balanced_accuracy", "predicted_classes")
 
 
 def variant(config: ExperimentConfig, *, name: str, seed: int, runs_dir: Path, training: str,
-            epsilon: float | None, central_epochs: int) -> ExperimentConfig:
+            epsilon: float | None, central_epochs: int, nonprivate_learning_rate: float | None = None
+            ) -> ExperimentConfig:
     raw = config.model_dump(mode="json")
     raw.update(name=name, seed=seed, training=training, verbose=0)
+    if epsilon is None and nonprivate_learning_rate is not None:
+        # Unclipped gradients are larger than DP-SGD's clipped ones: the DP learning rate overshoots.
+        raw["learning_rate"] = nonprivate_learning_rate
     raw["compression"] = {**raw["compression"], "enabled": False}
     raw["tracking"] = {**raw["tracking"], "runs_dir": str(runs_dir), "wandb_mode": "disabled"}
     if epsilon is None:
@@ -84,8 +90,12 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.json"))
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
-    parser.add_argument("--central-epochs", type=int, default=40,
+    parser.add_argument("--central-epochs", type=int, default=80,
                         help="epochs of the centralised baseline (its best validation epoch is kept)")
+    parser.add_argument("--nonprivate-learning-rate", type=float, default=0.01,
+                        help="learning rate of both non-private arms (the config's is tuned for DP-SGD's clipped "
+                             "gradients; measured on the demo: 0.01 gave the best centralised macro AUC, 0.895 vs "
+                             "0.868 at the DP rate 0.3)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/utility.json"))
     args = parser.parse_args()
     if args.repetitions < 1:
@@ -99,7 +109,8 @@ def main() -> int:
     for repetition in range(args.repetitions):
         for label, training, epsilon in arms:
             arm = variant(config, name=f"utility-{label}-r{repetition}", seed=config.seed + repetition,
-                          runs_dir=runs_dir, training=training, epsilon=epsilon, central_epochs=args.central_epochs)
+                          runs_dir=runs_dir, training=training, epsilon=epsilon, central_epochs=args.central_epochs,
+                          nonprivate_learning_rate=args.nonprivate_learning_rate)
             t0 = time.perf_counter()
             result = run_one(arm)
             collected[label].append(result)
@@ -111,6 +122,11 @@ def main() -> int:
     document = {
         "config": str(args.config),
         "repetitions": args.repetitions,
+        "recipe": {"dp_learning_rate": config.learning_rate, "nonprivate_learning_rate": args.nonprivate_learning_rate,
+                   "central_epochs": args.central_epochs, "rounds": config.federation.rounds,
+                   "local_epochs": config.federation.local_epochs, "batch_size": config.batch_size,
+                   "encoder": config.encoder, "delta": config.privacy.target_delta,
+                   "max_grad_norm": config.privacy.max_grad_norm},
         "baseline_macro_auc": baseline,
         "macro_auc": {label: summary[label]["macro_auc"] for label, _, _ in arms if label != "central"},
         "retention": {f"{epsilon:g}": retention(summary[f"{epsilon:g}"]["macro_auc"], baseline)
