@@ -1,5 +1,11 @@
 """One round of training at one site: plain SGD, or DP-SGD through Opacus.
 
+While the encoder is frozen (the scattering encoder always is) only the head trains, on
+features computed once per image and cached (`common.data.features`), with
+``augmentation.multiplicity`` views per image averaged before clipping; otherwise the whole
+model trains on augmented images. With ``federation.ema_decay`` the site releases the
+moving average of its iterates.
+
 Privacy is a switch on the same path: with ``privacy.enabled`` the model, optimizer and
 loader are wrapped by Opacus' PrivacyEngine (per-sample clipping, Gaussian noise, Poisson
 sampling) and physical batches are capped by BatchMemoryManager; everything else -- the
