@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser(
         "pretrain",
-        help="self-supervised autoencoder pretraining of the configured encoder",
+        help="self-supervised autoencoder pretraining of the configured encoder (for scattering: its feature statistics)",
         description="Pretrain the configured encoder as a convolutional autoencoder on the "
         "unlabeled pool (the training split of the configured data, labels ignored).",
     )
