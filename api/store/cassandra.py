@@ -213,12 +213,24 @@ class CassandraImageStore(ImageStore):
         if self._settings.create_schema:
             with self._errors("create the keyspace and tables"):
                 for statement in _schema_statements(keyspace, self._settings.replication()):
-                    self._session.execute(statement)
+                    self._execute_schema(statement)
             return
         tables = self._cluster.metadata.keyspaces.get(keyspace)
         if tables is None or not {"images", "image_chunks"} <= set(tables.tables):
             raise KeyspaceMissingError(f"{self._where} has no keyspace '{keyspace}' with tables images and "
                                        f"image_chunks; create them (create_schema=True) or name another keyspace")
+
+    def _execute_schema(self, statement: str) -> None:
+        """One CREATE ... IF NOT EXISTS, retried on a timeout: idempotent, and a cluster that has just
+        started can take longer than a request's timeout to agree on a schema change (measured: a
+        three-node cluster on 2 busy cores timed the keyspace out once in two test runs)."""
+        for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
+            try:
+                self._session.execute(statement, timeout=_SCHEMA_TIMEOUT_S)
+                return
+            except OperationTimedOut:
+                if attempt == _SCHEMA_ATTEMPTS:
+                    raise
 
     def _discard(self, record: ImageRecord) -> str:
         """Best-effort removal after a failed write; says how it went, for the error message."""
@@ -312,6 +324,10 @@ def _cluster(settings: CassandraSettings) -> Cluster:
                    connect_timeout=settings.connect_timeout_s,
                    max_schema_agreement_wait=settings.schema_agreement_timeout_s,
                    execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **options)
+
+
+_SCHEMA_ATTEMPTS = 3
+_SCHEMA_TIMEOUT_S = 60.0
 
 
 def _schema_statements(keyspace: str, replication: Mapping[str, Any]) -> list[str]:
