@@ -143,10 +143,6 @@ class FeatureStandardiser(nn.Module):
         self.mean.copy_(mean)
         self.std.copy_(std.clamp_min(1e-6))
 
-    @property
-    def is_set(self) -> bool:
-        return bool((self.mean != 0).any() or (self.std != 1).any())
-
     def forward(self, features: Tensor) -> Tensor:
         return (features - self.mean) / self.std
 
