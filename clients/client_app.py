@@ -37,7 +37,7 @@ from clients.privacy import SiteLimits, SitePrivacyState, SiteRefusal
 from common.config import ExperimentConfig
 from common.data.cbis import load_cbis_ddsm
 from common.data.partition import split_train_val
-from common.data.features import evaluation_input
+from common.data.features import evaluation_input, privacy_units
 from common.data.pipeline import load_records, site_partitions
 from common.data.records import ImageRecord
 from common.losses import build_loss
@@ -80,6 +80,12 @@ def load_site(context: Context, settings: AppSettings | None) -> Site:
         secret = node.get("deidentification-secret", config.data.deidentification_secret)
         require_deidentified(site_records, Path(str(secret)) if secret is not None else None)
     train, val = split_train_val(site_records, config.validation_split, seed=config.seed)
+    if settings is not None and settings.canaries is not None:
+        # A privacy audit: the canary site also trains on its included canaries (synthetic images
+        # made by the audit, past the de-identification gate, never in the validation split).
+        from simulations.audit import site_canaries
+
+        train = train + site_canaries(settings.canaries, site_id)
     state_dir = Path(str(node.get("state-dir", run_dir / "sites" / site_id)))
     if "data-dir" in node and config.data.cache_dir is not None:
         # The decoded-image cache is the site's too: in its private state folder, not at the
@@ -118,7 +124,8 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
         SitePrivacyState.load_or_create(site.state_dir, site.site_id, config.privacy) if config.privacy.enabled else None
     )
     try:
-        budget_epsilon, budget_bound = site.limits.require_allowed(site.site_id, config.privacy, len(site.train))
+        budget_epsilon, budget_bound = site.limits.require_allowed(
+            site.site_id, config.privacy, privacy_units(site.train, config.privacy.unit))
         result = train_site_round(
             model,
             site.train,
@@ -152,6 +159,7 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
         }
         privacy["accountant"] = result.privacy.accountant
         privacy["budget-bound"] = result.privacy.budget_bound
+        privacy["unit"] = result.privacy.unit
     return metrics, privacy
 
 

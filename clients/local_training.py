@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from clients.privacy import SitePrivacyState, Stretch, fresh_generator
 from common.config import ExperimentConfig
-from common.data.features import ViewsLoss, view_training_data
+from common.data.features import PatientLoss, ViewsLoss, patient_training_data, view_training_data
 from common.data.pipeline import class_counts, make_loader
 from common.data.records import ImageRecord
 from common.errors import MammoflError
@@ -63,6 +63,7 @@ class PrivacyRound:
     budget_epsilon: float
     accountant: str
     budget_bound: str  # "run" or "site": whose limit applied
+    unit: str = "image"  # what one DP "record" is: an image or a patient
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,13 @@ def _training_data(model: nn.Module, records: list[ImageRecord], config: Experim
     whole model trains on augmented images.
     """
     sampling = fresh_generator() if private else generator
+    per_patient = private and config.privacy.unit == "patient"
+    if per_patient and not encoder_frozen(model):
+        raise MammoflError("privacy.unit 'patient' needs the encoder frozen this round (patients are clipped on "
+                           "cached features); the config's freeze schedule trains it")
+    if per_patient:
+        head, loader = patient_training_data(model, records, config, device=device, generator=sampling)
+        return head, loader, False
     if encoder_frozen(model):
         head, loader = view_training_data(model, records, config, device=device, shuffle=not private,
                                           generator=sampling)
@@ -194,7 +202,9 @@ def train_site_round(
     )
     loss_fn = build_loss(config.loss, class_counts(records), class_weights=config.class_weights,
                          private=private)
-    loss_fn = (ViewsLoss(loss_fn) if cached else loss_fn).to(device)
+    if cached:
+        loss_fn = PatientLoss(loss_fn) if private and config.privacy.unit == "patient" else ViewsLoss(loss_fn)
+    loss_fn = loss_fn.to(device)
     average = ExponentialAverage(trained.parameters(), config.federation.ema_decay) \
         if config.federation.ema_decay > 0 else None
     after_step = chained(proximal_step(trained, config.learning_rate, proximal_mu) if proximal_mu > 0 else None,
@@ -264,5 +274,6 @@ def train_site_round(
             budget_epsilon=privacy_state.budget_epsilon,
             accountant=privacy_state.accountant,
             budget_bound=budget_bound,
+            unit=config.privacy.unit,
         ),
     )

@@ -86,6 +86,8 @@ class SiteLimits:
     def require_allowed(self, site_id: str, privacy: PrivacyConfig, num_images: int) -> tuple[float, str]:
         """The epsilon this run may take the site to and which bound set it ("run" or "site").
 
+        `num_images` counts the units DP protects: images, or patients with ``privacy.unit`` "patient".
+
         Raises SiteRefusal when the run asks for more than the site allows.
         """
         if not privacy.enabled:
@@ -95,7 +97,8 @@ class SiteLimits:
             return float("inf"), "run"
         if privacy.target_delta >= 1.0 / (10 * num_images):
             raise SiteRefusal(f"site {site_id}: delta {privacy.target_delta:g} is not below 1/(10 n) = "
-                              f"{1 / (10 * num_images):.2g} for its {num_images} training images; a smaller delta is needed")
+                              f"{1 / (10 * num_images):.2g} for its {num_images} training {privacy.unit}s; a smaller "
+                              "delta is needed")
         run_budget = privacy.budget_for(site_id)
         if not self.deployed:
             return run_budget, "run"

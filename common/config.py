@@ -287,6 +287,9 @@ class PrivacyConfig(Section):
     on_budget_exhausted: Literal["continue", "stop"] = "continue"
     max_physical_batch_size: int = Field(default=64, ge=1)
     clipping: Literal["flat", "ghost"] = "flat"
+    # "image": adding or removing one image; "patient": one patient with all their images
+    # (Poisson sampling of patients, the sum of a patient's gradients clipped to max_grad_norm).
+    unit: Literal["image", "patient"] = "image"
 
     @field_validator("accountant", mode="before")
     @classmethod
@@ -480,6 +483,21 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"callbacks monitor {', '.join(m for m in monitors if m.startswith('train_'))}: a private site does "
                 "not release its training metrics; monitor a val_ metric (held-out patients) instead")
+        return self
+
+    @model_validator(mode="after")
+    def _patient_unit_clips_whole_patients(self) -> "ExperimentConfig":
+        """Patient-level DP clips the sum of a patient's gradients: on cached features, so the
+        encoder must stay frozen for the whole run (`common.data.features.patient_training_data`)."""
+        if not (self.privacy.enabled and self.privacy.unit == "patient"):
+            return self
+        epochs, counted = ((self.federation.rounds * self.federation.local_epochs, "rounds x local_epochs")
+                           if self.training == "federated" else (self.epochs, "epochs"))
+        if self.encoder not in PARAMETER_FREE_ENCODERS and self.model.freeze.head_only_epochs < epochs:
+            raise ValueError(
+                f"privacy.unit 'patient' with encoder {self.encoder!r} trained: patient-level clipping runs on "
+                f"cached features of a frozen encoder; use encoder 'scattering' or set "
+                f"model.freeze.head_only_epochs >= {epochs} ({counted}), or use privacy.unit 'image'")
         return self
 
     @model_validator(mode="after")

@@ -119,6 +119,7 @@ class AppSettings:
 
     config_path: Path
     run_dir: Path
+    canaries: Path | None = None  # a privacy audit's canaries for one site (`simulations.audit.site_canaries`)
 
 
 UNIT_WEIGHT = "unit-weight"

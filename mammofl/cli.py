@@ -145,6 +145,57 @@ def _privacy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_audit(args: argparse.Namespace) -> int:
+    from common.config import load_config
+    from common.errors import ConfigError
+    from simulations.audit import run_audit
+
+    if args.canaries < 10:
+        raise ConfigError(f"--canaries {args.canaries}: an audit needs at least 10 canaries (valid: 10 or more; "
+                          "a few hundred give a useful bound)")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ConfigError(f"--out {args.out} exists and is not empty; an audit writes into a new folder")
+    result = run_audit(load_config(args.config), args.out, canaries=args.canaries,
+                       images_per_canary=args.images_per_canary, canary_site=args.canary_site,
+                       inclusion_seed=args.inclusion_seed)
+    report = result.report
+    for name, attacker in report["attackers"].items():
+        print(f"{name}: epsilon >= {attacker['epsilon_lower_bound']:.3f} ({attacker['correct']}/{attacker['guesses']} "
+              f"guesses right, canary AUC {attacker['canary_auc']:.3f})")
+    mia = report["membership_inference"]
+    print(f"membership inference on ordinary images: AUC {mia['auc']:.3f}, TPR {mia['tpr_at_1pct_fpr']:.3f} at 1% FPR")
+    if report["privacy_enabled"]:
+        print(f"audit {'passed' if report['passed'] else 'FAILED'}: lower bound {report['epsilon_lower_bound']:.3f}, "
+              f"accounted epsilon {report['epsilon']}")
+    else:
+        print(f"no DP: measured leak epsilon >= {report['epsilon_lower_bound']:.3f}")
+    print(f"wrote {result.directory / 'audit.md'}")
+    return 0 if report["passed"] is not False else 1
+
+
+def _add_privacy_commands(commands) -> None:
+    privacy = commands.add_parser("privacy", help="privacy: rebuild a run's report, audit a config empirically")
+    privacy_commands = privacy.add_subparsers(dest="privacy_command", metavar="PRIVACY_COMMAND", required=True)
+    report = privacy_commands.add_parser("report", help="rebuild a run's privacy report from its ledger")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.set_defaults(handler=_privacy_report)
+    audit = privacy_commands.add_parser(
+        "audit", help="measure a lower bound on epsilon: plant canaries, run the configured federation once, attack it",
+        description="One-run privacy audit (Steinke, Nasr & Jagielski 2023): canaries planted at one site, each "
+        "included with probability 1/2, the configured federation run once, every canary scored by the model "
+        "user and by the aggregator; writes OUT/audit.json and OUT/audit.md. Exits 1 when a DP run's lower "
+        "bound exceeds its accounted epsilon.")
+    audit.add_argument("config", type=Path, metavar="CONFIG")
+    audit.add_argument("--out", type=Path, required=True, help="a new folder for the audit (its run, canaries, report)")
+    audit.add_argument("--canaries", type=int, default=200, help="number of canaries (default 200)")
+    audit.add_argument("--images-per-canary", type=int, default=None,
+                       help="images per canary patient (default 1; 3 with privacy.unit 'patient')")
+    audit.add_argument("--canary-site", default=None, help="the site that trains on the canaries (default: the first)")
+    audit.add_argument("--inclusion-seed", type=int, default=None,
+                       help="draw the canaries' inclusion from this seed (default: fresh entropy); for repeatable audits")
+    audit.set_defaults(handler=_privacy_audit)
+
+
 def _anonymize(args: argparse.Namespace) -> int:
     from anonymize.batch import run_anonymize
     from anonymize.profile import DEFAULT_OPTION_NAMES, parse_options
@@ -371,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report.set_defaults(handler=_privacy_report)
 
+    _add_privacy_commands(commands)
     _add_anonymize_command(commands)
     _add_keys_commands(commands)
     from mammofl import cli_federation, cli_serve

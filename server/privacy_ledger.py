@@ -137,9 +137,12 @@ def site_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         delta = last["delta"] if last else None
         budget = next((row.get("budget_epsilon") for row in reversed(site_rows) if row.get("budget_epsilon")), None)
         bound = next((row.get("budget_bound") for row in reversed(site_rows) if row.get("budget_bound")), None)
-        patient = group_privacy(epsilon, delta, PATIENT_IMAGES) if last else None
+        unit = last.get("unit", "image") if last else None
+        # Patient-level DP protects whole patients already; group privacy bounds them at image level.
+        patient = group_privacy(epsilon, delta, PATIENT_IMAGES) if last and unit == "image" else None
         summaries.append({
             "site": site,
+            "unit": unit,
             "epsilon": epsilon,
             "delta": delta,
             "budget_epsilon": budget,
@@ -158,6 +161,20 @@ def site_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         })
     return summaries
 
+
+PATIENT_GUARANTEE = (
+    "Each site trains with patient-level DP-SGD (privacy.unit 'patient'): Opacus Poisson-samples "
+    "patients, the sum of one patient's per-image gradients is clipped to the clipping norm, Gaussian "
+    "noise is added, and the accountant counts patients (sample rate = patients per batch over the "
+    "site's patients). Every step the site ever took on its data is accounted, in this run and, where its "
+    "privacy state outlives a run, earlier ones. For site s with final (epsilon_s, delta): everything site "
+    "s released -- all of its model updates -- is (epsilon_s, delta)-differentially private with respect "
+    "to adding or removing any one patient of site s with all of their images. It does not depend on "
+    "the aggregator being honest: the site clips, samples and adds its noise from its own secret randomness "
+    "before anything leaves it. Not covered: the number of training images a site reports, and the "
+    "federated-evaluation metrics computed on a site's held-out validation patients (set "
+    "federation.fraction_evaluate to 0 where those must not leave the site)."
+)
 
 GUARANTEE = (
     "Each site trains with DP-SGD (Opacus: per-image gradient clipping to the clipping norm, "
@@ -181,9 +198,12 @@ GUARANTEE = (
 def build_report(ledger: PrivacyLedger) -> dict[str, Any]:
     rows = ledger.rows()
     sites = site_summaries(rows)
+    per_patient = any(site["unit"] == "patient" for site in sites)
     return {
-        "guarantee": GUARANTEE,
-        "unit": "one training image (add/remove adjacency) per site",
+        "guarantee": PATIENT_GUARANTEE if per_patient else GUARANTEE,
+        "unit": ("one patient with all of their images (add/remove adjacency) per site" if per_patient
+                 else "one training image (add/remove adjacency) per site"),
+        "privacy_unit": "patient" if per_patient else "image",
         "releases": RELEASES,
         "not_released": NOT_RELEASED,
         "randomness": RANDOMNESS,
@@ -222,6 +242,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "## Guarantee",
         "",
         report["guarantee"],
+        "",
+        f"Unit of privacy: {report['unit']}.",
         "",
         "## Per site",
         "",
@@ -286,6 +308,8 @@ def _pretrained_lines(pretrained: dict[str, Any] | None) -> list[str]:
 
 
 def _patient_cell(site: dict[str, Any]) -> str:
+    if site.get("unit") == "patient":
+        return "the epsilon itself (patient-level DP)"
     if site["patient_epsilon"] is None:
         return "-"
     if site["patient_delta"] >= 1:

@@ -58,7 +58,7 @@ from flwr.serverapp import Grid
 from common.config import ExperimentConfig, FederationConfig
 from common.errors import ConfigError
 from common.runs import RunDirectory
-from server.server_app import Federation, RoundObserver, RoundReplies, ledger_row
+from server.server_app import Federation, RoundObserver, RoundReplies, UpdateObserver, ledger_row
 from server.strategy import sampled_per_round
 
 MAX_SITE_EXAMPLES = 10_000
@@ -196,9 +196,14 @@ class SecureFederation(Federation):
     """`Federation` whose rounds train and evaluate through SecAgg+ and the legacy strategy."""
 
     def __init__(self, grid: Grid, context: Context, config: ExperimentConfig, run: RunDirectory, *,
-                 observer: RoundObserver | None = None, log: Callable[[str], None] = print) -> None:
-        super().__init__(grid, config, run, observer=observer, log=log)
+                 observer: RoundObserver | None = None, log: Callable[[str], None] = print,
+                 update_observer: UpdateObserver | None = None) -> None:
+        super().__init__(grid, config, run, observer=observer, log=log, update_observer=update_observer)
         self.context = context
+
+    def visible_updates(self, outcome: RoundReplies) -> dict[str, ArrayRecord]:
+        """None: under SecAgg+ the aggregator sees each round's sum only."""
+        return {}
 
     def connect(self) -> None:
         """The legacy context over the grid's sites, kept current by Flower's node-registry thread."""

@@ -40,6 +40,11 @@ from server.strategy import build_strategy, kept_where_unchanged
 RoundObserver = Callable[[int, dict[str, Any], list[dict[str, Any]]], None]
 """Called after each round with (round, metrics, ledger rows of the round)."""
 
+UpdateObserver = Callable[[int, ArrayRecord, dict[str, ArrayRecord], "ArrayRecord | None"], None]
+"""Called after each round's aggregation with what the aggregator saw: (round, the global model it
+sent, each trained site's returned model by site id -- empty under SecAgg+ -- and the aggregate).
+A privacy audit's aggregator attacker (`simulations.audit`) reads it."""
+
 
 def settings_for(context: Context, explicit: AppSettings | None) -> AppSettings:
     runs_dir = app_config(context.run_config, explicit).tracking.runs_dir
@@ -79,7 +84,7 @@ def ledger_row(server_round: int, metrics: Mapping[str, Any], privacy: Mapping[s
     row = {"site": str(privacy["site-id"]), "round": server_round, "status": str(privacy["status"])}
     row |= {key: metrics[key] for key in ("steps", "sample_rate", "noise_multiplier", "max_grad_norm",
                                           "epsilon", "delta", "budget_epsilon") if key in metrics}
-    for key in ("accountant", "budget-bound"):
+    for key in ("accountant", "budget-bound", "unit"):
         if key in privacy:
             row[key.replace("-", "_")] = str(privacy[key])
     if row["status"] == "refused":
@@ -91,8 +96,10 @@ class Federation:
     """One federated run over a Grid, writing the usual run directory."""
 
     def __init__(self, grid: Grid, config: ExperimentConfig, run: RunDirectory, *,
-                 observer: RoundObserver | None = None, log: Callable[[str], None] = print) -> None:
+                 observer: RoundObserver | None = None, log: Callable[[str], None] = print,
+                 update_observer: UpdateObserver | None = None) -> None:
         self.grid, self.config, self.run, self.observer, self.log = grid, config, run, observer, log
+        self.update_observer = update_observer
         self.device = select_device(config.device)
         self.ledger = PrivacyLedger(run.root / "privacy")
         self.checkpoint = ModelCheckpoint(config.checkpoint, run.model_dir)
@@ -117,6 +124,8 @@ class Federation:
             aggregated, train_loss, outcome = self.train_round(server_round, arrays)
             for row in outcome.ledger_rows:
                 self.ledger.append(row)
+            if self.update_observer is not None:
+                self.update_observer(server_round, arrays, self.visible_updates(outcome), aggregated)
             if not outcome.counts["sites_trained"]:
                 self.log(f"round {server_round}: no site trained ({outcome.counts}); the run ends")
                 break
@@ -159,6 +168,10 @@ class Federation:
             aggregated = kept_where_unchanged(aggregated, arrays,
                                               [reply.content["arrays"] for reply in outcome.trained])
         return aggregated, _metric(train_metrics, "train_loss"), outcome
+
+    def visible_updates(self, outcome: RoundReplies) -> dict[str, ArrayRecord]:
+        """Each trained site's returned model, as the aggregator receives it."""
+        return {str(reply.content["privacy"]["site-id"]): reply.content["arrays"] for reply in outcome.trained}
 
     def _record_client_level(self, server_round: int, outcome: RoundReplies) -> None:
         """The client-level DP release of a round: the aggregator noised the mean of the sampled sites."""
@@ -211,7 +224,8 @@ def _metric(record, key: str) -> float:
     return float(record[key]) if record is not None and key in record else float("nan")
 
 
-def make_server_app(settings: AppSettings | None = None, *, observer: RoundObserver | None = None) -> ServerApp:
+def make_server_app(settings: AppSettings | None = None, *, observer: RoundObserver | None = None,
+                    update_observer: UpdateObserver | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
@@ -227,9 +241,10 @@ def make_server_app(settings: AppSettings | None = None, *, observer: RoundObser
             # Imported here: the SecAgg+ federation builds on this module's Federation.
             from server.secure_aggregation import SecureFederation
 
-            SecureFederation(grid, context, config, run, observer=observer).run_rounds()
+            SecureFederation(grid, context, config, run, observer=observer,
+                             update_observer=update_observer).run_rounds()
         else:
-            Federation(grid, config, run, observer=observer).run_rounds()
+            Federation(grid, config, run, observer=observer, update_observer=update_observer).run_rounds()
 
     return app
 

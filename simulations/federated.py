@@ -23,7 +23,7 @@ from common.models.transfer import require_site_free_weights
 from common.runs import AppSettings, RunDirectory
 from server.compression import check_compression
 from server.secure_aggregation import sampled_sites
-from server.server_app import make_server_app
+from server.server_app import UpdateObserver, make_server_app
 from simulations.tracking import Tracker
 
 
@@ -33,8 +33,13 @@ class FederatedResult:
     final_metrics: dict[str, Any]
 
 
-def simulate(config: ExperimentConfig, *, resume: Path | None = None, log=print) -> FederatedResult:
-    """Run (or resume) the federated simulation the config describes."""
+def simulate(config: ExperimentConfig, *, resume: Path | None = None, log=print, canaries: Path | None = None,
+             update_observer: UpdateObserver | None = None) -> FederatedResult:
+    """Run (or resume) the federated simulation the config describes.
+
+    `canaries` and `update_observer` serve a privacy audit (`simulations.audit`): the canary
+    site's extra training records, and a hook seeing every update the aggregator sees.
+    """
     if config.compression.enabled:
         check_compression(config, config.compression)
     if config.model.pretrained is not None:
@@ -53,14 +58,14 @@ def simulate(config: ExperimentConfig, *, resume: Path | None = None, log=print)
     # actors that ask for no GPU; ours ask for none and need no override: opt in to the future.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run = _run_directory(config, resume)
-    settings = AppSettings(config_path=run.root / "config.json", run_dir=run.root)
+    settings = AppSettings(config_path=run.root / "config.json", run_dir=run.root, canaries=canaries)
     tracker = Tracker(config, run)
     if config.verbose:
         log(f"run {run.run_id}: {len(sites)} sites ({', '.join(f'{s}: {len(r)}' for s, r in sorted(sites.items()))} "
             f"training images), {config.federation.rounds} rounds of {config.federation.strategy}")
     try:
         run_simulation(
-            server_app=make_server_app(settings, observer=tracker.log_round),
+            server_app=make_server_app(settings, observer=tracker.log_round, update_observer=update_observer),
             client_app=make_client_app(settings),
             num_supernodes=len(sites),
             backend_config={

@@ -18,6 +18,7 @@ leave the site.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from common.config import ExperimentConfig
 from common.data.dataset import MammogramDataset, save_atomically
+from common.data.partition import group_by_patient
 from common.data.records import ImageRecord
 from common.data.transforms import build_train_transform
 from common.data.pipeline import make_loader
@@ -155,6 +157,58 @@ class ViewsLoss(nn.Module):
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         views = logits.shape[1]
         return self.loss_fn(logits.flatten(0, 1), labels.repeat_interleave(views))
+
+
+class PatientLoss(nn.Module):
+    """`loss_fn` per patient: [B, P, K, classes] logits, [B, P] labels (-1 pads a patient's missing images).
+
+    Each patient's term is the *sum* over their images of the image's mean loss over views,
+    and the batch term the mean over patients: Opacus' per-sample gradient is then the sum of
+    a patient's per-image gradients, clipped to the clip norm as one (patient-level DP).
+    """
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.loss_fn = copy.deepcopy(loss_fn)
+        self.loss_fn.reduction = "none"  # every private loss honours it (`common.losses`)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        patients, images, views, classes = logits.shape
+        if patients == 0:  # an empty Poisson batch still takes its (noise-only) step
+            return logits.sum() * 0.0
+        valid = labels >= 0
+        terms = torch.zeros(patients, images, views, dtype=logits.dtype, device=logits.device)
+        chosen = logits[valid]  # [n_valid, K, classes]
+        per_view = self.loss_fn(chosen.flatten(0, 1), labels[valid].repeat_interleave(views))
+        terms[valid] = per_view.reshape(-1, views)
+        return terms.mean(dim=2).sum(dim=1).mean()
+
+
+def patient_training_data(model: nn.Module, records: Sequence[ImageRecord], config: ExperimentConfig, *,
+                          device: torch.device, generator: torch.Generator | None) -> tuple[ViewsHead, DataLoader]:
+    """The head and a loader of patients: (features [B, P, views, F], labels [B, P], -1 padding).
+
+    For ``privacy.unit`` "patient": Opacus samples patients (its sample rate is then
+    patients per batch over patients) and clips each patient's summed gradient; train it
+    with `PatientLoss`. ``batch_size`` counts patients.
+    """
+    features = FeatureCache(model.encoder, config, device=device).encoded_views(records)
+    patients = list(group_by_patient(records).values())
+    index = {id(record): position for position, record in enumerate(records)}
+    most = max((len(images) for images in patients), default=1)
+    grouped = torch.zeros(len(patients), most, *features.shape[1:])
+    labels = torch.full((len(patients), most), -1, dtype=torch.long)
+    for row, images in enumerate(patients):
+        for column, record in enumerate(images):
+            grouped[row, column] = features[index[id(record)]]
+            labels[row, column] = record.label
+    loader = DataLoader(TensorDataset(grouped, labels), batch_size=config.batch_size, generator=generator)
+    return ViewsHead(model.head), loader
+
+
+def privacy_units(records: Sequence[ImageRecord], unit: str) -> int:
+    """How many units DP protects in `records`: images, or patients."""
+    return len(group_by_patient(records)) if unit == "patient" else len(records)
 
 
 def _labels(records: Sequence[ImageRecord]) -> Tensor:
