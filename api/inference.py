@@ -1,7 +1,9 @@
 """The served models: loaded once at start-up, run off the event loop, optionally micro-batched.
 
 Every variant folder under the model directory (``runs/<id>/serving/``, written by
-``mammofl compress``) is loaded with its sha256 checked. Only variants that preprocess the
+``mammofl compress``) is loaded with its sha256 checked, and only with its model card
+(`server.model_card`) whose privacy checks passed -- unless the operator starts the service
+with ``allow_unchecked_models``, which is logged as a warning for each such variant. Only variants that preprocess the
 whole image ("full") are served: an "roi" variant needs lesion masks that an upload lacks.
 
 Model calls run on a small thread pool (``inference_workers``); with ``micro_batch_size`` > 1,
@@ -22,6 +24,7 @@ import torch
 
 from common.data.images import preprocess
 from common.errors import ConfigError, ModelError
+from server.model_card import read_card
 from server.compression.serving import (
     METADATA_FILE,
     ServingModel,
@@ -49,10 +52,12 @@ class ModelRegistry:
     """The loaded serving variants, and the way requests reach them."""
 
     def __init__(self, models: dict[str, ServingModel], default: str, *, workers: int = 1,
-                 micro_batch_size: int = 1, micro_batch_wait_ms: float = 2.0) -> None:
+                 micro_batch_size: int = 1, micro_batch_wait_ms: float = 2.0,
+                 cards: dict[str, dict | None] | None = None) -> None:
         if default not in models:
             raise ConfigError(f"default variant {default!r} is not loaded; loaded: {', '.join(sorted(models)) or 'none'}")
         self.models = models
+        self.cards = {name: (cards or {}).get(name) for name in models}
         self.default = default
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._batchers = {name: MicroBatcher(model, self._executor, micro_batch_size, micro_batch_wait_ms / 1000)
@@ -140,9 +145,30 @@ class MicroBatcher:
                     future.set_result(row)
 
 
+def checked_card(folder: Path, *, allow_unchecked: bool) -> dict | None:
+    """The variant's model card; ConfigError without one or with failed privacy checks, unless allowed."""
+    try:
+        card = read_card(folder)
+    except ModelError as error:
+        if not allow_unchecked:
+            raise ConfigError(f"variant {folder.name!r}: {error}; a model is served with its card (or start the "
+                              "service with MAMMOFL_API_ALLOW_UNCHECKED_MODELS=true / --allow-unchecked-models)") from None
+        logger.warning("serving variant %s WITHOUT a model card (allow_unchecked_models is on): %s", folder.name, error)
+        return None
+    checks = card["privacy_checks"]
+    if not checks["passed"]:
+        reasons = "; ".join(checks["failures"])
+        if not allow_unchecked:
+            raise ConfigError(f"variant {folder.name!r}: its model card says its privacy checks failed ({reasons}); "
+                              "it is not served (override: --allow-unchecked-models)")
+        logger.warning("serving variant %s whose privacy checks FAILED (allow_unchecked_models is on): %s",
+                       folder.name, reasons)
+    return card
+
+
 def load_registry(model_dir: Path, *, variants: tuple[str, ...] | None = None, default: str | None = None,
                   threads: int | None = None, workers: int = 1, micro_batch_size: int = 1,
-                  micro_batch_wait_ms: float = 2.0) -> ModelRegistry:
+                  micro_batch_wait_ms: float = 2.0, allow_unchecked: bool = False) -> ModelRegistry:
     """Loads the chosen (else every servable) variant under ``model_dir``; ConfigError when none is."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -154,7 +180,7 @@ def load_registry(model_dir: Path, *, variants: tuple[str, ...] | None = None, d
             raise ConfigError(f"model directory {model_dir} lacks variant(s) {', '.join(missing)}; "
                               f"it holds {', '.join(sorted(available)) or 'none'} (run `mammofl compress`)")
         available = {name: available[name] for name in variants}
-    models = {}
+    models, cards = {}, {}
     for name, folder in available.items():
         mode = read_metadata(folder).preprocessing.mode
         if mode != "full":
@@ -163,10 +189,11 @@ def load_registry(model_dir: Path, *, variants: tuple[str, ...] | None = None, d
                                   f"be served (an upload has no lesion masks)")
             logger.warning("skipping variant %s: preprocessing mode %s cannot be served", name, mode)
             continue
+        cards[name] = checked_card(folder, allow_unchecked=allow_unchecked)
         models[name] = load_serving_model(folder, threads=threads)
     if not models:
         raise ConfigError(f"model directory {model_dir} holds no servable variant; point model_dir at a "
                           f"runs/<id>/serving folder written by `mammofl compress`")
     chosen = default or (PREFERRED_DEFAULT if PREFERRED_DEFAULT in models else min(models))
     return ModelRegistry(models, chosen, workers=workers, micro_batch_size=micro_batch_size,
-                         micro_batch_wait_ms=micro_batch_wait_ms)
+                         micro_batch_wait_ms=micro_batch_wait_ms, cards=cards)

@@ -87,6 +87,20 @@ class UploadAndPrediction(BaseModel):
     prediction: Prediction
 
 
+class ModelCardSummary(BaseModel):
+    """What a variant's model card says of its privacy (the whole card: ``GET /v1/models/{variant}/card``)."""
+
+    run_id: str
+    privacy_enabled: bool
+    privacy_unit: str = Field(examples=["image"])
+    max_site_epsilon: float | None = Field(examples=[7.99])
+    delta: float | None = Field(examples=[1e-5])
+    audit_epsilon_lower_bound: float | None = Field(examples=[0.0])
+    membership_inference_auc: float | None = Field(examples=[0.51])
+    privacy_checks_passed: bool
+    warnings: list[str]
+
+
 class ModelInfo(BaseModel):
     variant: str = Field(examples=["int8_static"])
     backend: str = Field(examples=["onnxruntime"])
@@ -94,6 +108,8 @@ class ModelInfo(BaseModel):
     input_size: int = Field(examples=[224])
     size_bytes: int
     metrics: dict[str, float | None] = Field(examples=[{"accuracy": 0.71, "macro_auc": 0.84}])
+    card: ModelCardSummary | None = Field(description="null only when the service was started with "
+                                          "allow_unchecked_models and the variant has no card")
 
 
 class ModelList(BaseModel):

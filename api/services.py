@@ -60,7 +60,8 @@ def open_services(settings: ApiSettings) -> Services:
     models = load_registry(settings.model_dir, variants=settings.variants, default=settings.default_variant,
                            threads=settings.cpu_threads, workers=settings.inference_workers,
                            micro_batch_size=settings.micro_batch_size,
-                           micro_batch_wait_ms=settings.micro_batch_wait_ms)
+                           micro_batch_wait_ms=settings.micro_batch_wait_ms,
+                           allow_unchecked=settings.allow_unchecked_models)
     try:
         images, records = open_store(settings)
     except BaseException:

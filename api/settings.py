@@ -48,6 +48,8 @@ class ApiSettings(BaseSettings):
     inference_workers: int = Field(1, ge=1, le=64)
     micro_batch_size: int = Field(1, ge=1, le=256)
     micro_batch_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    # Serve variants without a model card, or whose card's privacy checks failed (logged at start-up).
+    allow_unchecked_models: bool = False
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(80_000_000, ge=1)

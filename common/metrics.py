@@ -130,3 +130,28 @@ def retention(auc: float, baseline_auc: float) -> float:
     if baseline_auc <= 0.5:
         return math.nan
     return (auc - 0.5) / (baseline_auc - 0.5)
+
+
+def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, *, metrics: Sequence[str] = (
+        "accuracy", "balanced_accuracy", "macro_auc"), resamples: int = 500, confidence: float = 0.95,
+        seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap intervals of test metrics: images resampled with replacement.
+
+    The interval is over the test set's sampling, for one trained model (a model card's
+    numbers); a resample missing a class gives that metric NaN and is dropped for it.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in metrics}
+    for _ in range(resamples):
+        chosen = rng.integers(0, len(labels), len(labels))
+        values = classification_metrics(labels[chosen], probs[chosen])
+        for name in metrics:
+            draws[name].append(values[name])
+    tail = (1 - confidence) / 2 * 100
+    intervals = {}
+    for name, values in draws.items():
+        finite = np.asarray([value for value in values if np.isfinite(value)])
+        intervals[name] = ((float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail)))
+                           if finite.size else (float("nan"), float("nan")))
+    return intervals

@@ -173,7 +173,27 @@ def _privacy_audit(args: argparse.Namespace) -> int:
     return 0 if report["passed"] is not False else 1
 
 
+def _model_card(args: argparse.Namespace) -> int:
+    from server.model_card import read_card, write_model_cards
+
+    for path in write_model_cards(args.run_dir, audit_dir=args.audit):
+        checks = read_card(path.parent)["privacy_checks"]
+        state = "privacy checks passed" if checks["passed"] else "PRIVACY CHECKS FAILED: " + "; ".join(checks["failures"])
+        print(f"{path}: {state}" + "".join(f"\n  warning: {warning}" for warning in checks["warnings"]))
+    return 0
+
+
 def _add_privacy_commands(commands) -> None:
+    card = commands.add_parser(
+        "model-card", help="(re)write the model card of every serving variant of a run",
+        description="Write RUN_DIR/serving/<variant>/model_card.json and .md: sites and image counts, privacy "
+        "unit and per-site epsilon, the audit's lower bound (--audit, else RUN_DIR/privacy/audit when present), "
+        "utility with intervals, compression changes, provenance. `mammofl compress` writes them too.")
+    card.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    card.add_argument("--audit", type=Path, default=None, metavar="AUDIT_DIR",
+                      help="a `mammofl privacy audit` output folder to attach")
+    card.set_defaults(handler=_model_card)
+
     privacy = commands.add_parser("privacy", help="privacy: rebuild a run's report, audit a config empirically")
     privacy_commands = privacy.add_subparsers(dest="privacy_command", metavar="PRIVACY_COMMAND", required=True)
     report = privacy_commands.add_parser("report", help="rebuild a run's privacy report from its ledger")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 
@@ -23,6 +24,11 @@ def _serve(args: argparse.Namespace) -> int:
     from api.services import open_services
 
     settings = _settings(args)
+    if args.allow_unchecked_models:
+        settings = settings.model_copy(update={"allow_unchecked_models": True})
+    if settings.allow_unchecked_models:
+        logging.getLogger("mammofl.serve").warning(
+            "allow_unchecked_models is on: variants without a model card, or whose privacy checks failed, are served")
     services = open_services(settings)
     uvicorn.run(create_app(settings, services), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -76,6 +82,8 @@ def add_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--env-file", type=Path, help=env_help)
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--allow-unchecked-models", action="store_true",
+                       help="serve variants without a model card or whose card's privacy checks failed (logged)")
     serve.set_defaults(handler=_serve)
 
     api_keys = commands.add_parser("api-keys", help="API keys of the REST service: create, list, revoke")

@@ -153,6 +153,7 @@ def site_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "sample_rate": last["sample_rate"] if last else None,
             "max_grad_norm": last["max_grad_norm"] if last else None,
             "steps": sum(row.get("steps", 0) for row in trained),
+            "images": next((row["images"] for row in reversed(trained) if "images" in row), None),
             "rounds_trained": [row["round"] for row in trained],
             "rounds_refused": [row["round"] for row in site_rows if row["status"] == "refused"],
             "rounds_failed": [row["round"] for row in site_rows if row["status"] == "failed"],

@@ -84,6 +84,8 @@ def ledger_row(server_round: int, metrics: Mapping[str, Any], privacy: Mapping[s
     row = {"site": str(privacy["site-id"]), "round": server_round, "status": str(privacy["status"])}
     row |= {key: metrics[key] for key in ("steps", "sample_rate", "noise_multiplier", "max_grad_norm",
                                           "epsilon", "delta", "budget_epsilon") if key in metrics}
+    if row["status"] == "trained" and "num-examples" in metrics:
+        row["images"] = int(metrics["num-examples"])  # as the site reported it (the aggregate's weight)
     for key in ("accountant", "budget-bound", "unit"):
         if key in privacy:
             row[key.replace("-", "_")] = str(privacy[key])

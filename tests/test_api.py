@@ -158,6 +158,40 @@ def test_models_lists_both_variants_with_their_metrics_and_sizes(app):
     assert models["int8_dynamic"]["backend"] == "onnxruntime" and models["fp32"]["input_size"] == IMAGE_SIZE
     assert models["fp32"]["size_bytes"] == (serving_dir() / "fp32" / "model.pt").stat().st_size
     assert models["fp32"]["metrics"] == {"accuracy": 0.5, "macro_auc": 0.6}
+    card = models["fp32"]["card"]
+    assert card["privacy_checks_passed"] is True and card["max_site_epsilon"] == 7.5
+    assert card["privacy_unit"] == "image" and card["audit_epsilon_lower_bound"] == 0.2
+
+
+def test_a_variants_whole_card_is_served_and_an_unknown_variant_is_a_404(app):
+    card = app.client.get("/v1/models/int8_dynamic/card", headers=app.auth(role="reader"))
+    assert card.status_code == 200
+    assert card.json() == json.loads((serving_dir() / "int8_dynamic" / "model_card.json").read_text())
+    missing = app.client.get("/v1/models/nope/card", headers=app.auth(role="reader"))
+    assert missing.status_code == 404 and "fp32" in missing.json()["detail"]
+    assert app.client.get("/v1/models/fp32/card").status_code == 401
+
+
+def test_a_variant_without_a_card_or_with_failed_checks_is_not_served_unless_allowed(tmp_path, caplog):
+    import shutil
+
+    from api.inference import load_registry
+    from common.errors import ConfigError
+    from tests.test_api_support import test_card
+
+    shutil.copytree(serving_dir() / "fp32", tmp_path / "fp32")
+    (tmp_path / "fp32" / "model_card.json").unlink()
+    with pytest.raises(ConfigError, match="no model_card.json"):
+        load_registry(tmp_path)
+    (tmp_path / "fp32" / "model_card.json").write_text(json.dumps(test_card("fp32", passed=False)))
+    with pytest.raises(ConfigError, match="privacy checks failed.*exceeded its budget"):
+        load_registry(tmp_path)
+
+    with caplog.at_level("WARNING", logger="api.inference"):
+        registry = load_registry(tmp_path, allow_unchecked=True)
+    assert registry.cards["fp32"]["privacy_checks"]["passed"] is False
+    assert "privacy checks FAILED" in caplog.text
+    registry.close()
 
 
 def test_probes_and_prometheus_metrics(app):

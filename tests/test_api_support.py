@@ -9,6 +9,7 @@ compress` lays out ``serving/<variant>/``. Built once per test session.
 from __future__ import annotations
 
 import functools
+import json
 import io
 import tempfile
 import warnings
@@ -38,6 +39,7 @@ from server.compression.model_files import (
     write_pytorch_model,
 )
 from server.compression.quantize import quantize_dynamic_int8
+from server.model_card import CARD_JSON, CARD_VERSION
 from server.compression.serving import (
     Preprocessing,
     ServingMetadata,
@@ -82,7 +84,20 @@ def serving_dir() -> Path:
             preprocessing=Preprocessing(mode="full", image_size=IMAGE_SIZE),
             metrics={"accuracy": 0.5, "macro_auc": 0.6}, source_run=SourceRun(
                 run_id="test-run", checkpoint="model/best.pt", checkpoint_sha256="0" * 64)))
+        (path.parent / CARD_JSON).write_text(json.dumps(test_card(path.parent.name)))
     return root
+
+
+def test_card(variant: str, *, passed: bool = True) -> dict:
+    """A model card as `server.model_card.build_card` lays it out (the API reads it, not the run)."""
+    return {"format_version": CARD_VERSION, "model": {"variant": variant},
+            "training": {"run_id": "test-run", "sites": [{"site": "site-01", "images": 40}]},
+            "privacy": {"enabled": True, "unit": "image", "client_level": None,
+                        "sites": [{"site": "site-01", "images": 40, "epsilon": 7.5, "delta": 1e-5}]},
+            "audit": {"epsilon_lower_bound": 0.2, "membership_inference": {"auc": 0.52}},
+            "utility": {"metrics": {"accuracy": 0.5}}, "compression": None, "pretraining": None,
+            "privacy_checks": {"passed": passed, "failures": [] if passed else ["site-01 exceeded its budget"],
+                               "warnings": []}}
 
 
 @functools.cache

@@ -96,6 +96,68 @@ def test_the_aggregator_compresses_the_best_global_model_after_the_last_round(he
     assert served.metadata.source_run.run_id == healthy_run.run.run_id
 
 
+def test_every_served_variant_carries_a_model_card_that_round_trips_through_the_service(healthy_run, tmp_path):
+    from server.model_card import read_card
+    from tests.test_api_support import running_app, settings_for
+
+    serving = healthy_run.run.root / "serving"
+    card = read_card(serving / "int8_static")
+    assert card["privacy_checks"]["passed"] is True and card["privacy"]["unit"] == "image"
+    sites = card["privacy"]["sites"]
+    assert len(sites) == 3 and all(site["images"] > 0 and 0 < site["epsilon"] <= TARGET_EPSILON for site in sites)
+    assert [site["images"] for site in card["training"]["sites"]] == [site["images"] for site in sites]
+    low, high = card["utility"]["intervals_95"]["accuracy"]
+    assert low <= card["utility"]["metrics"]["accuracy"] <= high and low < high
+    assert card["compression"]["agreement_with_fp32"] is not None and card["model"]["precision"] == "int8_static"
+    assert len(card["data"]["files_sha256"]) == 64 and card["code"]["mammofl"]
+    assert "no empirical privacy audit" in " ".join(card["privacy_checks"]["warnings"])
+    assert "# Model card: int8_static" in (serving / "int8_static" / "model_card.md").read_text()
+
+    with running_app(settings_for(tmp_path, model_dir=serving)) as app:
+        listed = {model["variant"]: model for model in
+                  app.client.get("/v1/models", headers=app.auth(role="reader")).json()["models"]}
+        whole = app.client.get("/v1/models/int8_static/card", headers=app.auth(role="reader")).json()
+    assert listed["int8_static"]["card"]["max_site_epsilon"] == max(site["epsilon"] for site in sites)
+    assert whole == card
+
+
+def test_an_attached_audit_reaches_the_card_and_a_failed_one_stops_serving(healthy_run, tmp_path, capsys):
+    import shutil
+
+    from api.inference import load_registry
+    from common.config import load_config
+    from server.model_card import read_card
+    from simulations.audit import training_digest
+
+    run = tmp_path / "run"
+    shutil.copytree(healthy_run.run.root, run)
+    digest = training_digest(load_config(run / "config.json"))
+
+    def audit(name: str, **fields) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "audit.json").write_text(json.dumps({
+            "config_digest": digest, "epsilon": 7.9, "unit": "image", "canaries": 50,
+            "membership_inference": {"auc": 0.51, "tpr_at_1pct_fpr": 0.01},
+            "attackers": {"model_user": {"epsilon_lower_bound": 0.3}, "aggregator": {"epsilon_lower_bound": 0.4}},
+            **fields}))
+        return folder
+
+    assert main(["model-card", str(run), "--audit", str(audit("ok", epsilon_lower_bound=0.4, passed=True))]) == 0
+    card = read_card(run / "serving" / "fp32")
+    assert card["audit"]["epsilon_lower_bound"] == 0.4 and card["audit"]["same_config"] is True
+    assert card["privacy_checks"]["passed"] and card["utility"]["intervals_95"]  # intervals kept on rewrite
+
+    other = audit("other", epsilon_lower_bound=0.1, passed=True, config_digest="0" * 64)
+    assert main(["model-card", str(run), "--audit", str(other)]) == 0
+    assert "differs from this model's training config" in capsys.readouterr().out
+
+    assert main(["model-card", str(run), "--audit", str(audit("broken", epsilon_lower_bound=9.5, passed=False))]) == 0
+    assert read_card(run / "serving" / "fp32")["privacy_checks"]["passed"] is False
+    with pytest.raises(ConfigError, match="privacy checks failed"):
+        load_registry(run / "serving")
+
+
 def test_a_compression_request_that_cannot_work_fails_before_the_first_round(tmp_path):
     missing = {**QUICK_COMPRESSION, "calibration": {"source": "folder", "folder": str(tmp_path / "no-such-folder")}}
     config = federated_config(tmp_path, compression=missing)

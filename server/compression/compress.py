@@ -30,7 +30,7 @@ from common.config import (
 )
 from common.data.records import CLASS_NAMES
 from common.errors import ModelError
-from common.metrics import classification_metrics, unusable_because
+from common.metrics import bootstrap_intervals, classification_metrics, unusable_because
 from common.models.classifier import load_checkpoint
 from server.compression.build import BuiltVariant, VariantBuilder
 from server.compression.datasets import (
@@ -62,6 +62,7 @@ from server.compression.serving import (
     write_metadata,
 )
 from server.compression.variants import RECIPES
+from server.model_card import write_model_cards
 
 CHECKPOINT = Path("model") / "best.pt"
 SERVING_DIR, COMPRESSION_DIR = "serving", "compression"
@@ -91,6 +92,7 @@ def compress_run(run_dir: Path, settings: CompressionConfig, *, log: Callable[[s
     source = SourceRun(run_id=run_dir.name, checkpoint=CHECKPOINT.as_posix(),
                        checkpoint_sha256=sha256_of(run_dir / CHECKPOINT))
     results = []
+    intervals: dict[str, dict[str, tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mammofl-compress-") as work:
         builder = VariantBuilder(model, calibration, settings, config.model.image_size, Path(work))
         staging = Path(work) / "variants"
@@ -101,8 +103,11 @@ def compress_run(run_dir: Path, settings: CompressionConfig, *, log: Callable[[s
             _publish(measured, result, config, source, run_dir / SERVING_DIR)
             log(_progress_line(result))
             results.append(result)
+            intervals[measured.name] = bootstrap_intervals(labels, measured.probs)
     report = _report(run_dir, settings, calibration, len(images), results)
     write_report(report, run_dir / COMPRESSION_DIR)
+    # Every served variant carries its model card (`server.model_card`), which `mammofl serve` checks.
+    write_model_cards(run_dir, intervals=intervals)
     return report
 
 
