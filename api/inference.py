@@ -155,6 +155,12 @@ def checked_card(folder: Path, *, allow_unchecked: bool) -> dict | None:
                               "service with MAMMOFL_API_ALLOW_UNCHECKED_MODELS=true / --allow-unchecked-models)") from None
         logger.warning("serving variant %s WITHOUT a model card (allow_unchecked_models is on): %s", folder.name, error)
         return None
+    served = read_metadata(folder).sha256
+    if card.get("model", {}).get("sha256") != served:
+        # A card describes one model file: a file replaced after its card was written is another model.
+        raise ConfigError(f"variant {folder.name!r}: its model card describes a model of sha256 "
+                          f"{str(card.get('model', {}).get('sha256'))[:16]}..., not the served file "
+                          f"({served[:16]}...); rewrite the card with `mammofl model-card RUN_DIR`")
     checks = card["privacy_checks"]
     if not checks["passed"]:
         reasons = "; ".join(checks["failures"])

@@ -120,10 +120,10 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
     """
     config = site.config
     generator = seed_everything(config.seed * 1000 + server_round)
-    privacy_state = (
-        SitePrivacyState.load_or_create(site.state_dir, site.site_id, config.privacy) if config.privacy.enabled else None
-    )
+    privacy_state = None
     try:
+        if config.privacy.enabled:
+            privacy_state = SitePrivacyState.load_or_create(site.state_dir, site.site_id, config.privacy)
         budget_epsilon, budget_bound = site.limits.require_allowed(
             site.site_id, config.privacy, privacy_units(site.train, config.privacy.unit))
         result = train_site_round(

@@ -72,6 +72,7 @@ class SiteLimits:
     max_delta: float | None = None
     allow_non_private: bool = True
     allow_evaluation: bool = True
+    privacy_unit: str = "image"  # "patient": the site refuses image-level runs
 
     @classmethod
     def from_node_config(cls, node: dict) -> "SiteLimits":
@@ -81,7 +82,8 @@ class SiteLimits:
         return cls(deployed=True, budget_epsilon=float(budget) if budget is not None else None,
                    max_delta=float(delta) if delta is not None else None,
                    allow_non_private=str(node.get("allow-non-private", "false")).lower() == "true",
-                   allow_evaluation=str(node.get("allow-evaluation", "true")).lower() == "true")
+                   allow_evaluation=str(node.get("allow-evaluation", "true")).lower() == "true",
+                   privacy_unit=str(node.get("privacy-unit", "image")))
 
     def require_allowed(self, site_id: str, privacy: PrivacyConfig, num_images: int) -> tuple[float, str]:
         """The epsilon this run may take the site to and which bound set it ("run" or "site").
@@ -95,6 +97,9 @@ class SiteLimits:
                 raise SiteRefusal(f"site {site_id}: the run asks for training without DP, which this site does "
                                   "not allow (mammofl site run --allow-non-private)")
             return float("inf"), "run"
+        if self.privacy_unit == "patient" and privacy.unit != "patient":
+            raise SiteRefusal(f"site {site_id}: the run asks image-level DP (privacy.unit {privacy.unit!r}); this site "
+                              "trains patient-level DP only (mammofl site run --privacy-unit patient)")
         if privacy.target_delta >= 1.0 / (10 * num_images):
             raise SiteRefusal(f"site {site_id}: delta {privacy.target_delta:g} is not below 1/(10 n) = "
                               f"{1 / (10 * num_images):.2g} for its {num_images} training {privacy.unit}s; a smaller "
@@ -139,6 +144,7 @@ class SitePrivacyState:
     noise_multiplier: float | None = None
     history: list[Stretch] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
+    unit: str = "image"  # what the history accounts: images or patients (never mixed)
 
     @classmethod
     def load_or_create(cls, state_dir: Path, site_id: str, privacy: PrivacyConfig) -> "SitePrivacyState":
@@ -149,6 +155,12 @@ class SitePrivacyState:
                 raise MammoflError(f"{path}: accountant {state.accountant!r} is not offered (valid: "
                                    f"{', '.join(ACCOUNTANT_NAMES)}); its epsilon cannot be trusted, so the site stops")
             state.history = [tuple(stretch) for stretch in state.history]
+            if state.unit != privacy.unit and state.history:
+                # Image-level epsilons do not bound a patient's loss, nor the reverse: one history, one unit.
+                raise SiteRefusal(f"site {site_id}: its privacy history is accounted per {state.unit}; a run with "
+                                  f"privacy.unit {privacy.unit!r} cannot be composed with it (use another state "
+                                  "folder, or the same unit)")
+            state.unit = privacy.unit
             return state
         return cls(
             site_id=site_id,
@@ -157,6 +169,7 @@ class SitePrivacyState:
             budget_epsilon=privacy.budget_for(site_id),
             max_grad_norm=privacy.max_grad_norm,
             noise_multiplier=privacy.noise_multiplier,
+            unit=privacy.unit,
         )
 
     def save(self, state_dir: Path) -> None:

@@ -8,7 +8,7 @@ node config tells our ClientApp who the site is and where its two folders are:
 - ``state-dir``: the site's own state, ``privacy_state.json`` above all: the accountant
   history of every round the site ever trained and its budget. It outlives the process, so
   a restarted site keeps its spent epsilon and still refuses rounds beyond its budget.
-- ``budget-epsilon``, ``max-delta``, ``allow-non-private``, ``allow-evaluation``: the site's own privacy limits
+- ``budget-epsilon``, ``max-delta``, ``allow-non-private``, ``allow-evaluation``, ``privacy-unit``: the site's own privacy limits
   (`clients.privacy.SiteLimits`). The aggregator sends the run config, so its budget is only
   a request: the site refuses a run asking a larger epsilon or delta than its own, or (unless
   allowed) training without DP.
@@ -50,6 +50,7 @@ class SiteNode:
     max_delta: float = 1e-5
     allow_non_private: bool = False
     allow_evaluation: bool = True
+    privacy_unit: str = "image"
     clientappio_address: str = "127.0.0.1:9094"
     deidentification_secret: Path | None = None
 
@@ -58,7 +59,7 @@ class SiteNode:
         config = (f'site-id="{self.site_id}" data-dir="{self.data_dir.resolve()}" '
                   f'state-dir="{self.state_dir.resolve()}" budget-epsilon={self.budget_epsilon!r} '
                   f'max-delta={self.max_delta!r} allow-non-private="{str(self.allow_non_private).lower()}" '
-                  f'allow-evaluation="{str(self.allow_evaluation).lower()}"')
+                  f'allow-evaluation="{str(self.allow_evaluation).lower()}" privacy-unit="{self.privacy_unit}"')
         if self.deidentification_secret is not None:
             config += f' deidentification-secret="{self.deidentification_secret.resolve()}"'
         return config

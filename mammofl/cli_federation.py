@@ -38,7 +38,8 @@ def _site_run(args: argparse.Namespace) -> int:
                     clientappio_address=args.clientappio_address,
                     deidentification_secret=args.deidentification_secret,
                     budget_epsilon=args.budget_epsilon, max_delta=args.max_delta,
-                    allow_non_private=args.allow_non_private, allow_evaluation=not args.no_evaluation)
+                    allow_non_private=args.allow_non_private, allow_evaluation=not args.no_evaluation,
+                    privacy_unit=args.privacy_unit)
     return run_site(node)
 
 
@@ -185,6 +186,9 @@ def add_commands(commands) -> None:
                                "over every run (a run asking more is refused)")
     run_site.add_argument("--max-delta", type=float, default=1e-5,
                           help="the largest delta a run may ask of this site (default 1e-5)")
+    run_site.add_argument("--privacy-unit", choices=("image", "patient"), default="image",
+                          help="what the site's budget protects: 'patient' refuses every run with image-level DP "
+                               "(default image: both)")
     run_site.add_argument("--allow-non-private", action="store_true",
                           help="also train runs without DP-SGD (their updates are not differentially private)")
     run_site.add_argument("--no-evaluation", action="store_true",

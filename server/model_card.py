@@ -97,7 +97,7 @@ def _audit_section(audit_dir: Path | None, config: ExperimentConfig) -> tuple[di
         return None, [], ["no empirical privacy audit was run for this model (mammofl privacy audit)"]
     audit = json.loads((audit_dir / AUDIT_FILE).read_text())
     same = audit.get("config_digest") == training_digest(config)
-    section = {"directory": str(audit_dir), "epsilon_lower_bound": audit["epsilon_lower_bound"],
+    section = {"directory": Path(audit_dir).name, "epsilon_lower_bound": audit["epsilon_lower_bound"],
                "epsilon": audit["epsilon"], "passed": audit["passed"], "canaries": audit["canaries"],
                "unit": audit["unit"], "membership_inference": audit["membership_inference"],
                "same_config": same,

@@ -177,13 +177,17 @@ def test_a_variant_without_a_card_or_with_failed_checks_is_not_served_unless_all
 
     from api.inference import load_registry
     from common.errors import ConfigError
-    from tests.test_api_support import test_card
+    from tests.test_api_support import card_for
 
     shutil.copytree(serving_dir() / "fp32", tmp_path / "fp32")
     (tmp_path / "fp32" / "model_card.json").unlink()
     with pytest.raises(ConfigError, match="no model_card.json"):
         load_registry(tmp_path)
-    (tmp_path / "fp32" / "model_card.json").write_text(json.dumps(test_card("fp32", passed=False)))
+    served = json.loads((tmp_path / "fp32" / "metadata.json").read_text())["sha256"]
+    (tmp_path / "fp32" / "model_card.json").write_text(json.dumps(card_for("fp32", "0" * 64)))
+    with pytest.raises(ConfigError, match="not the served file"):
+        load_registry(tmp_path)  # a card of another model file
+    (tmp_path / "fp32" / "model_card.json").write_text(json.dumps(card_for("fp32", served, passed=False)))
     with pytest.raises(ConfigError, match="privacy checks failed.*exceeded its budget"):
         load_registry(tmp_path)
 

@@ -84,13 +84,13 @@ def serving_dir() -> Path:
             preprocessing=Preprocessing(mode="full", image_size=IMAGE_SIZE),
             metrics={"accuracy": 0.5, "macro_auc": 0.6}, source_run=SourceRun(
                 run_id="test-run", checkpoint="model/best.pt", checkpoint_sha256="0" * 64)))
-        (path.parent / CARD_JSON).write_text(json.dumps(test_card(path.parent.name)))
+        (path.parent / CARD_JSON).write_text(json.dumps(card_for(path.parent.name, sha256_of(path))))
     return root
 
 
-def test_card(variant: str, *, passed: bool = True) -> dict:
+def card_for(variant: str, sha256: str, *, passed: bool = True) -> dict:
     """A model card as `server.model_card.build_card` lays it out (the API reads it, not the run)."""
-    return {"format_version": CARD_VERSION, "model": {"variant": variant},
+    return {"format_version": CARD_VERSION, "model": {"variant": variant, "sha256": sha256},
             "training": {"run_id": "test-run", "sites": [{"site": "site-01", "images": 40}]},
             "privacy": {"enabled": True, "unit": "image", "client_level": None,
                         "sites": [{"site": "site-01", "images": 40, "epsilon": 7.5, "delta": 1e-5}]},

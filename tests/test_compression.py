@@ -197,7 +197,10 @@ def test_metadata_hash_matches_each_model_file(trained_run, compressed):
         metadata = json.loads((folder / "metadata.json").read_text())
         model_file = folder / metadata["model_file"]
         assert metadata["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
-        assert sorted(path.name for path in folder.iterdir()) == sorted(["metadata.json", metadata["model_file"]])
+        assert sorted(path.name for path in folder.iterdir()) == sorted(
+            ["metadata.json", metadata["model_file"], "model_card.json", "model_card.md"])
+        card = json.loads((folder / "model_card.json").read_text())
+        assert card["model"]["sha256"] == metadata["sha256"] and card["model"]["variant"] == variant
 
 
 def test_a_changed_model_file_is_refused(trained_run, compressed, tmp_path):

@@ -107,3 +107,28 @@ def test_patient_level_dp_refuses_a_trained_encoder():
                            "unit": "patient"}, "training": "federated",
                            "augmentation": False, "model": {"freeze": {"head_only_epochs": 1000}}})
     assert config.privacy.unit == "patient"
+
+
+def test_a_site_that_protects_patients_refuses_image_level_runs():
+    from clients.privacy import SiteLimits, SiteRefusal
+
+    limits = SiteLimits.from_node_config({"data-dir": "/d", "budget-epsilon": 8.0, "privacy-unit": "patient"})
+    image_run = parse_config({"privacy": {"enabled": True, "target_epsilon": 4.0}}).privacy
+    patient_run = image_run.model_copy(update={"unit": "patient"})
+    with pytest.raises(SiteRefusal, match="patient-level DP only"):
+        limits.require_allowed("site-a", image_run, 1000)
+    assert limits.require_allowed("site-a", patient_run, 1000) == (4.0, "run")
+
+
+def test_a_privacy_history_is_never_composed_across_units(tmp_path):
+    from clients.privacy import SitePrivacyState, SiteRefusal
+
+    image = parse_config({"privacy": {"enabled": True, "target_epsilon": 4.0}}).privacy
+    state = SitePrivacyState.load_or_create(tmp_path, "site-a", image)
+    state.noise_multiplier = 1.0
+    state.record_round(1, [(1.0, 0.1, 10)])
+    state.save(tmp_path)
+
+    with pytest.raises(SiteRefusal, match="accounted per image"):
+        SitePrivacyState.load_or_create(tmp_path, "site-a", image.model_copy(update={"unit": "patient"}))
+    assert SitePrivacyState.load_or_create(tmp_path, "site-a", image).unit == "image"

@@ -138,3 +138,20 @@ def test_the_audit_writes_its_report_and_the_run_it_audited(audits):
     steps = {row["site"]: row["sample_rate"] for row in ledger if row["round"] == 1}
     assert steps[site] < min(rate for name, rate in steps.items() if name != site)
     assert "without DP" in (audits[False].directory / "audit.md").read_text()
+
+
+def test_the_audit_command_refuses_bad_requests_before_any_training(tmp_path, capsys):
+    from mammofl.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(audit_config(tmp_path / "c", private=True).model_dump_json())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+
+    assert main(["privacy", "audit", str(config), "--out", str(tmp_path / "o"), "--canaries", "3"]) == 2
+    assert "at least 10 canaries" in capsys.readouterr().err
+    assert main(["privacy", "audit", str(config), "--out", str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["privacy", "audit", str(config), "--out", str(tmp_path / "o"), "--canary-site", "nowhere"]) == 2
+    assert "valid: site-01, site-02" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "run").exists()
