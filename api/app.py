@@ -8,7 +8,9 @@ data (the store, the de-identifier and the image reader name fields and files, n
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -46,7 +48,10 @@ def create_app(settings: ApiSettings, services: Services | None = None) -> FastA
         finally:
             app.state.services.close()
 
-    app = FastAPI(title="mammofl inference service", version="1", lifespan=lifespan,
+    # Swagger UI and ReDoc load their scripts from a CDN, on the origin whose sessionStorage holds the
+    # web front end's API key: off unless asked for (the OpenAPI document itself stays at /openapi.json).
+    docs = {} if settings.docs_enabled else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="mammofl inference service", version="1", lifespan=lifespan, **docs,
                   description="De-identified, encrypted mammogram storage and classification "
                               "(normal / benign / malignant), per site, behind API keys.")
     for router in (keys.router, images.router, predictions.router, models.router):
@@ -63,23 +68,65 @@ def create_app(settings: ApiSettings, services: Services | None = None) -> FastA
     return app
 
 
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    # Our own scripts and styles only; no framing by anyone (clickjacking of a signed-in key).
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+}
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 async def _observe(request: Request, call_next) -> Response:
     """Metrics for every request; an audit line for every /v1 request (who, what, which id, outcome)."""
     started = time.perf_counter()
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except Exception:
+        # An unhandled error is answered 500 by the server; it still gets its metric and audit line.
+        _account(request, 500, started)
+        raise
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.url.path.startswith(API_PREFIX):
+        # Images, predictions and freshly issued keys are never to be kept by a browser or proxy cache.
+        response.headers["Cache-Control"] = "no-store"
+    _account(request, response.status_code, started)
+    return response
+
+
+def _account(request: Request, status_code: int, started: float) -> None:
     template = _route_template(request)
     services = getattr(request.app.state, "services", None)
     if services is None:
-        return response
-    services.metrics.observe_request(request.method, template, response.status_code, time.perf_counter() - started)
+        return
+    # Anyone can invent a method: an unknown one shares a label, so the metrics cannot be grown at will.
+    method = request.method if request.method in KNOWN_METHODS else "OTHER"
+    services.metrics.observe_request(method, template, status_code, time.perf_counter() - started)
     if request.url.path.startswith(API_PREFIX):
         principal = getattr(request.state, "principal", None)
         parameters = request.scope.get("path_params", {})
-        resource = getattr(request.state, "audit_resource", None) or parameters.get("image_id") or parameters.get("key_id")
-        services.audit.record(action=f"{request.method} {template}", status=response.status_code,
+        resource = getattr(request.state, "audit_resource", None) or canonical_resource(parameters)
+        services.audit.record(action=f"{method} {template}", status=status_code,
                               key_id=getattr(principal, "key_id", None), site_id=getattr(principal, "site_id", None),
                               role=getattr(principal, "role", None), resource_id=resource)
-    return response
+
+
+def canonical_resource(parameters: dict[str, str]) -> str | None:
+    """The path's resource id as the store names it, never as typed: an image id in canonical UUID
+    form, a key id of 16 hex digits; anything else is logged as "invalid" (a URL is not a place
+    to write text into the audit trail)."""
+    if "image_id" in parameters:
+        try:
+            return str(uuid.UUID(parameters["image_id"]))
+        except ValueError:
+            return "invalid"
+    if "key_id" in parameters:
+        key_id = parameters["key_id"]
+        return key_id.lower() if re.fullmatch(r"[0-9a-fA-F]{16}", key_id) else "invalid"
+    return None
 
 
 def _route_template(request: Request) -> str:

@@ -1,19 +1,36 @@
 """The audit log: who did what to which resource, when, and how it ended; never patient data.
 
 One JSON line per request that reaches a route: time, key id, site, role, action (the route),
-resource id (a random image, prediction or key id, or none) and HTTP status. Image ids are
-random UUIDs made by the store; nothing read from an image or an upload is ever written here.
+resource id (a random image, prediction or key id in canonical form, or none) and HTTP status.
+Image ids are random UUIDs made by the store; nothing read from an image or an upload is ever
+written here.
+
+The file is tamper-evident: each line carries ``previous``, the sha256 of the line before it
+(64 zeros for the first), so an edited, removed or inserted line breaks the chain at that
+point; ``mammofl audit verify FILE`` checks it (`verify_chain`). A chain shows tampering, it
+does not prevent it: whoever can rewrite the whole file can rewrite the chain, so ship the
+lines (the ``mammofl.audit`` logger) to a store the service cannot write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 logger = logging.getLogger("mammofl.audit")
+
+
+GENESIS = "0" * 64
+
+
+def line_hash(line: str) -> str:
+    return hashlib.sha256(line.encode("utf-8")).hexdigest()
 
 
 class AuditLog:
@@ -22,15 +39,56 @@ class AuditLog:
     def __init__(self, path: Path | None) -> None:
         self._path = path
         self._lock = threading.Lock()
+        self._previous = GENESIS
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Who accessed which image is itself sensitive: owner-only folder (when we make it) and file.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
+            os.chmod(path, 0o600)
+            self._previous = _last_hash(path)
 
     def record(self, *, action: str, status: int, key_id: str | None, site_id: str | None,
                role: str | None, resource_id: str | None = None) -> None:
         entry = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "key_id": key_id,
                  "site_id": site_id, "role": role, "action": action, "resource_id": resource_id, "status": status}
-        line = json.dumps(entry, separators=(",", ":"))
-        logger.info(line)
-        if self._path is not None:
-            with self._lock, self._path.open("a", encoding="utf-8") as stream:
-                stream.write(line + "\n")
+        with self._lock:
+            line = json.dumps({**entry, "previous": self._previous}, separators=(",", ":"))
+            logger.info(line)
+            if self._path is not None:
+                with self._path.open("a", encoding="utf-8") as stream:
+                    stream.write(line + "\n")
+            self._previous = line_hash(line)
+
+
+def _last_hash(path: Path) -> str:
+    """The hash the next line chains to: that of the file's last line (the chain goes on across restarts)."""
+    last = None
+    with path.open("r", encoding="utf-8") as stream:
+        for line in stream:
+            if line.strip():
+                last = line.rstrip("\n")
+    return GENESIS if last is None else line_hash(last)
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    lines: int
+    broken_at: int | None  # 1-based line number of the first line whose chain does not hold
+    reason: str | None
+
+
+def verify_chain(path: Path) -> ChainCheck:
+    """Walk the audit file: every line must be JSON whose ``previous`` is the hash of the line before."""
+    previous, count = GENESIS, 0
+    with Path(path).open("r", encoding="utf-8") as stream:
+        for count, raw in enumerate(stream, start=1):
+            line = raw.rstrip("\n")
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                return ChainCheck(count, count, "not a JSON line")
+            if not isinstance(entry, dict) or entry.get("previous") != previous:
+                return ChainCheck(count, count, "its 'previous' is not the hash of the line before: a line was "
+                                                "edited, removed or inserted here")
+            previous = line_hash(line)
+    return ChainCheck(count, None, None)

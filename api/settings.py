@@ -57,6 +57,7 @@ class ApiSettings(BaseSettings):
     audit_log_path: Path | None = Path("data/api/audit.jsonl")
     retry_after_s: int = Field(5, ge=1)
     web_dir: Path | None = Path(__file__).parent / "web"
+    docs_enabled: bool = False  # /docs and /redoc (Swagger UI and ReDoc load scripts from a CDN)
 
     @model_validator(mode="after")
     def _default_among_variants(self) -> ApiSettings:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.stats import binom
+from sklearn.metrics import roc_auc_score
 
 GUESS_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
 """The fractions of the m canaries guessed on (half "in" at the top scores, half "out" at the bottom)."""
@@ -107,27 +108,11 @@ def audit_bound(scores: Sequence[float], included: Sequence[bool], *, delta: flo
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (ties count one half); nan without both classes."""
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
+    """Area under the ROC curve of "higher score = positive" (ties count one half); nan without both classes."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return float("nan")
-    ranks = _average_ranks(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))
 
 
 @dataclass(frozen=True)

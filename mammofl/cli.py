@@ -164,7 +164,9 @@ def _privacy_audit(args: argparse.Namespace) -> int:
               f"guesses right, canary AUC {attacker['canary_auc']:.3f})")
     mia = report["membership_inference"]
     print(f"membership inference on ordinary images: AUC {mia['auc']:.3f}, TPR {mia['tpr_at_1pct_fpr']:.3f} at 1% FPR")
-    if report["privacy_enabled"]:
+    if report["privacy_enabled"] and report["passed"] is None:
+        print("audit inconclusive: the canary site trained no private round")
+    elif report["privacy_enabled"]:
         print(f"audit {'passed' if report['passed'] else 'FAILED'}: lower bound {report['epsilon_lower_bound']:.3f}, "
               f"accounted epsilon {report['epsilon']}")
     else:

@@ -71,6 +71,20 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return _with_keys(args, revoke)
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from api.audit import verify_chain
+    from common.errors import ConfigError
+
+    if not args.file.is_file():
+        raise ConfigError(f"{args.file}: no such audit log (the service's MAMMOFL_API_AUDIT_LOG_PATH)")
+    check = verify_chain(args.file)
+    if check.broken_at is None:
+        print(f"{args.file}: {check.lines} line(s), chain intact")
+        return 0
+    print(f"{args.file}: chain BROKEN at line {check.broken_at} of {check.lines}: {check.reason}")
+    return 1
+
+
 def add_commands(commands) -> None:
     """Adds this area's subcommands to the top-level subparsers ``commands``."""
     env_help = "a .env file of MAMMOFL_API_* settings (the environment wins over it)"
@@ -85,6 +99,13 @@ def add_commands(commands) -> None:
     serve.add_argument("--allow-unchecked-models", action="store_true",
                        help="serve variants without a model card or whose card's privacy checks failed (logged)")
     serve.set_defaults(handler=_serve)
+
+    audit = commands.add_parser("audit", help="the REST service's audit log: verify its hash chain")
+    audit_commands = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
+    verify = audit_commands.add_parser("verify", help="check that no line of an audit log was edited, removed "
+                                       "or inserted (exit 1 if one was)")
+    verify.add_argument("file", type=Path, metavar="FILE")
+    verify.set_defaults(handler=_audit_verify)
 
     api_keys = commands.add_parser("api-keys", help="API keys of the REST service: create, list, revoke")
     key_commands = api_keys.add_subparsers(dest="api_keys_command", metavar="API_KEYS_COMMAND", required=True)

@@ -106,6 +106,8 @@ def _audit_section(audit_dir: Path | None, config: ExperimentConfig) -> tuple[di
     if audit["passed"] is False:
         failures.append(f"the privacy audit's lower bound {audit['epsilon_lower_bound']:.3f} exceeds the accounted "
                         f"epsilon {audit['epsilon']}: the DP guarantee does not hold as claimed")
+    if audit["passed"] is None and audit.get("privacy_enabled"):
+        warnings.append("the privacy audit was inconclusive (its canary site trained no private round)")
     if not same:
         warnings.append("the audit ran a config that differs from this model's training config "
                         "(its training digest does not match)")

@@ -35,7 +35,7 @@ import json
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +181,7 @@ class ReleaseRecorder:
     """Keeps what the aggregator saw of the canary site each round: its update, or only the aggregate."""
 
     site_id: str
-    views: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor], str]] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.views = []
+    views: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor], str]] = field(default_factory=list)
 
     def __call__(self, server_round: int, sent: ArrayRecord, site_updates: dict[str, ArrayRecord],
                  aggregate: ArrayRecord | None) -> None:
@@ -332,14 +329,15 @@ def run_audit(config: ExperimentConfig, out: Path, *, canaries: int = 200, image
     images = _canary_images(planted, audited)
     included = [canary.included for canary in planted]
     delta = config.privacy.target_delta
-    user = audit_bound(model_user_scores(released, planted, images), included, delta=delta, confidence=CONFIDENCE)
+    user_scores = model_user_scores(released, planted, images)
+    user = audit_bound(user_scores, included, delta=delta, confidence=CONFIDENCE)
     agg_scores = aggregator_scores(audited, planted, images, recorder.views)
     aggregator = audit_bound(agg_scores, included, delta=delta, confidence=CONFIDENCE)
     mia = ordinary_membership(released, audited, seed=audited.seed)
     report = _report(config, audited, site, planted, run_root, released_path, user, aggregator, mia,
                      views=[view[3] for view in recorder.views])
     (out / "audit.json").write_text(json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")
-    _plot(out / "audit.png", model_user_scores(released, planted, images), agg_scores, included)
+    _plot(out / "audit.png", user_scores, agg_scores, included)
     (out / "audit.md").write_text(audit_markdown(report))
     return AuditResult(report, out)
 
@@ -360,7 +358,8 @@ def _report(config: ExperimentConfig, audited: ExperimentConfig, site: str, plan
     private = config.privacy.enabled
     epsilon = _site_epsilon(run_root, site) if private else None
     bound = max(user.epsilon_lower_bound, aggregator.epsilon_lower_bound)
-    passed = None if not private else (epsilon is not None and bound <= epsilon)
+    # A DP run whose canary site never trained has nothing to check: inconclusive, not passed.
+    passed = None if not private or epsilon is None else bound <= epsilon
     sees = sorted(set(views)) or ["nothing (the canary site trained no round)"]
     return {
         "format_version": AUDIT_VERSION,
@@ -391,7 +390,10 @@ def _report(config: ExperimentConfig, audited: ExperimentConfig, site: str, plan
 def audit_markdown(report: dict[str, Any]) -> str:
     user, aggregator = report["attackers"]["model_user"], report["attackers"]["aggregator"]
     mia = report["membership_inference"]
-    if report["privacy_enabled"]:
+    if report["privacy_enabled"] and report["passed"] is None:
+        verdict = ("**INCONCLUSIVE**: the canary site trained no private round, so there is no accounted epsilon "
+                   "to check the bound against")
+    elif report["privacy_enabled"]:
         verdict = (f"**PASSED**: the measured lower bound {report['epsilon_lower_bound']:.3f} does not exceed the "
                    f"accounted epsilon {report['epsilon']:.3f} (delta {report['delta']:g})" if report["passed"] else
                    f"**FAILED**: the measured lower bound {report['epsilon_lower_bound']:.3f} exceeds the accounted "

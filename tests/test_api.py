@@ -325,3 +325,79 @@ def test_the_web_front_end_is_served_at_the_root_and_cors_when_configured(tmp_pa
 
 def test_a_random_image_id_is_unknown(app):
     assert app.client.get(f"/v1/images/{uuid.uuid4()}", headers=app.auth()).status_code == 404
+
+
+def test_the_audit_log_is_created_readable_by_its_owner_only(tmp_path):
+    from api.audit import AuditLog
+
+    log = AuditLog(tmp_path / "api" / "audit.jsonl")
+    log.record(action="GET /v1/models", status=200, key_id="k", site_id="site-a", role="reader")
+
+    assert oct((tmp_path / "api").stat().st_mode & 0o777) == "0o700"
+    assert oct((tmp_path / "api" / "audit.jsonl").stat().st_mode & 0o777) == "0o600"
+
+
+def test_responses_carry_security_headers_api_answers_are_never_cached_and_docs_are_off(app):
+    created = upload(app, png_bytes(seed=3)).json()
+    content = app.client.get(f"/v1/images/{created['image_id']}/content", headers=app.auth(role="reader"))
+    issued = app.client.post("/v1/keys", json={"site_id": "site-a", "role": "reader", "name": "cache check"},
+                             headers=app.auth())
+    page = app.client.get("/healthz")
+    for response in (content, issued):
+        assert response.headers["cache-control"] == "no-store"
+    for response in (content, issued, page):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert app.client.get("/docs").status_code == 404  # Swagger UI would load a CDN's scripts
+    assert app.client.get("/openapi.json").status_code == 200
+
+
+def test_invented_methods_share_one_metrics_label(app):
+    for method in ("FOOBAR1", "FOOBAR2"):
+        app.client.request(method, "/v1/images")
+    text = app.client.get("/metrics").text
+    assert "FOOBAR" not in text and 'method="OTHER"' in text
+
+
+def test_the_audit_log_names_resources_canonically_and_takes_no_text_from_urls(app):
+    created = upload(app, png_bytes(seed=4)).json()
+    shouting = created["image_id"].upper()
+    assert app.client.get(f"/v1/images/{shouting}", headers=app.auth(role="reader")).status_code == 200
+    app.client.get("/v1/images/JOHN-SMITH-1970-01-01", headers=app.auth(role="reader"))
+    text = app.settings.audit_log_path.read_text()
+    assert shouting not in text and "JOHN-SMITH" not in text
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert any(e["resource_id"] == created["image_id"] and e["action"] == "GET /v1/images/{image_id}"
+               for e in entries)
+    assert any(e["resource_id"] == "invalid" for e in entries)
+
+
+def test_an_unhandled_error_still_leaves_its_audit_line(tmp_path):
+    from tests.test_api_support import running_app, settings_for
+
+    with running_app(settings_for(tmp_path)) as running:
+        def boom():
+            raise RuntimeError("unexpected")
+
+        running.client.app.add_api_route("/v1/boom", boom)
+        assert running.client.get("/v1/boom").status_code == 500
+        entries = [json.loads(line) for line in running.settings.audit_log_path.read_text().splitlines()]
+    assert entries[-1]["action"] == "GET /v1/boom" and entries[-1]["status"] == 500
+
+
+def test_the_audit_log_is_a_hash_chain_that_shows_an_edited_or_removed_line(app, tmp_path, capsys):
+    from api.audit import verify_chain
+
+    upload(app, png_bytes(seed=5))
+    copy = tmp_path / "audit.jsonl"
+    copy.write_text(app.settings.audit_log_path.read_text())
+    lines = copy.read_text().splitlines()
+    assert len(lines) > 3 and verify_chain(copy).broken_at is None
+    assert main(["audit", "verify", str(copy)]) == 0
+
+    edited = json.loads(lines[2]) | {"status": 200 if json.loads(lines[2])["status"] != 200 else 404}
+    copy.write_text("\n".join([*lines[:2], json.dumps(edited, separators=(",", ":")), *lines[3:]]) + "\n")
+    assert verify_chain(copy).broken_at == 4  # the next line no longer chains to the edited one
+    copy.write_text("\n".join([lines[0], *lines[2:]]) + "\n")
+    assert verify_chain(copy).broken_at == 2
+    assert main(["audit", "verify", str(copy)]) == 1 and "BROKEN at line 2" in capsys.readouterr().out

@@ -303,6 +303,32 @@ def test_a_deleted_image_is_gone_with_its_key_and_chunks(backend, store, site):
     assert store.list_site(site).images == []
 
 
+def test_a_deleted_images_key_and_ciphertext_are_in_no_file_of_the_sqlite_store(tmp_path, keyring, site):
+    # WAL mode keeps the frames that wrote a row after the row is deleted: without a truncating
+    # checkpoint the wrapped data key and the chunks stay on disk, decryptable with the keyring.
+    path = tmp_path / "images.db"
+    with SQLiteImageStore(path, keyring, chunk_size=CHUNK) as store:
+        kept = store.put(site, mammogram(2 * CHUNK, seed=1))
+        doomed = store.put(site, mammogram(3 * CHUNK, seed=2))
+        raw = SQLiteRaw(path)
+        wrapped = raw._connection.execute("SELECT wrapped_key FROM images WHERE image_id = ?",
+                                          (doomed.image_id.bytes,)).fetchone()[0]
+        chunks = [raw.chunk(doomed.image_id, index) for index in range(doomed.chunk_count)]
+        raw._connection.close()
+
+        def on_disk(secret: bytes) -> list[str]:
+            return [file.name for file in path.parent.glob(path.name + "*") if secret in file.read_bytes()]
+
+        assert on_disk(wrapped) and on_disk(chunks[0][:64])  # the check can see them while stored
+
+        store.delete(site, doomed.image_id)
+
+        for secret in [wrapped, *(chunk[:64] for chunk in chunks)]:
+            assert on_disk(secret) == [], "a deleted image's bytes survive on disk"
+        assert store.get(site, kept.image_id).data == mammogram(2 * CHUNK, seed=1)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
 def test_listing_separates_sites_and_pages_through_each_image_once(store, site):
     other_site = site + "-other"
     mine = {store.put(site, mammogram(100, seed=n)).image_id for n in range(7)}

@@ -8,6 +8,8 @@ Each thread gets its own connection; WAL mode lets readers run beside the one wr
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -49,7 +51,9 @@ CREATE INDEX IF NOT EXISTS images_by_expiry ON images (expires_at_ms) WHERE expi
 """
 RECORD_COLUMNS = "site_id, image_id, created_at_ms, chunk_count, key_id, wrapped_key, sealed_metadata, expires_at_ms"
 LIVE = "(expires_at_ms IS NULL OR expires_at_ms > ?)"
+logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 60.0
+CHECKPOINT_ATTEMPTS = 20
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -70,6 +74,11 @@ class SQLiteImageStore(ImageStore):
             self._check_schema()
 
     def close(self) -> None:
+        if self._connections:
+            try:
+                self.make_deletions_final()
+            except StoreUnavailableError:
+                pass  # closing a store whose file is gone: nothing left to make final
         with self._lock:
             for connection in self._connections:
                 connection.close()
@@ -122,6 +131,27 @@ class SQLiteImageStore(ImageStore):
             connection.execute("DELETE FROM images WHERE site_id = ? AND image_id = ?",
                                (record.site_id, record.image_id.bytes))
             connection.execute("DELETE FROM image_chunks WHERE image_id = ?", (record.image_id.bytes,))
+        self.make_deletions_final()
+
+    def make_deletions_final(self) -> None:
+        """Leave no copy of deleted rows in any file: the database and its write-ahead log.
+
+        ``secure_delete`` zeroes a deleted row's pages in the database, but the WAL still holds
+        the frames that wrote them (the wrapped data key and the ciphertext) until a checkpoint
+        copies the zeroed pages back and the log is truncated. Concurrent readers can hold a
+        checkpoint off; it is retried for about ten seconds, then a warning says the deletion is
+        not final yet (the rows are gone from every query either way; the next deletion's
+        checkpoint, or closing the store, completes it).
+        """
+        connection = self._connection()
+        for attempt in range(CHECKPOINT_ATTEMPTS):
+            with _sqlite_errors(self._path, "could not checkpoint its write-ahead log"):
+                busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.05 * (attempt + 1))
+        logger.warning("SQLite database %s: readers held off the checkpoint that makes a deletion final; the "
+                       "deleted rows remain in its write-ahead log until the next deletion or close", self._path)
 
     def _list_records(self, site_id: str, page_size: int,
                       position: bytes | None) -> tuple[list[ImageRecord], bytes | None]:
@@ -154,6 +184,7 @@ class SQLiteImageStore(ImageStore):
         return connection
 
     def _connect(self) -> sqlite3.Connection:
+        _private_file(self._path)
         with _sqlite_errors(self._path, "cannot be opened (does its folder exist, is it writable?)"):
             # isolation_level=None: no implicit transactions; writes open theirs with BEGIN IMMEDIATE.
             # check_same_thread=False only so that close() may close every thread's connection;
@@ -204,6 +235,16 @@ def _sqlite_errors(path: Path, failure: str) -> Iterator[None]:
         raise StoreUnavailableError(f"SQLite database {path} {failure}: {error}") from error
     except sqlite3.Error as error:
         raise StoreUnavailableError(f"SQLite database {path} {failure}: {error}") from error
+
+
+def _private_file(path: Path) -> None:
+    """Create the database file readable by its owner only (0600; SQLite's -wal and -shm files
+    take the database file's permissions)."""
+    if not path.parent.is_dir():
+        return  # SQLite's own error names the missing folder
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
 
 
 def _now_ms() -> int:
