@@ -63,6 +63,8 @@ def create_app(settings: ApiSettings, services: Services | None = None) -> FastA
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     app.middleware("http")(_observe)
+    if settings.tls:
+        app.middleware("http")(_strict_transport)
     if settings.web_dir is not None and settings.web_dir.is_dir():
         app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
     return app
@@ -94,6 +96,13 @@ async def _observe(request: Request, call_next) -> Response:
         # Images, predictions and freshly issued keys are never to be kept by a browser or proxy cache.
         response.headers["Cache-Control"] = "no-store"
     _account(request, response.status_code, started)
+    return response
+
+
+async def _strict_transport(request: Request, call_next) -> Response:
+    """Over HTTPS: browsers are to use nothing else for this host for a year."""
+    response = await call_next(request)
+    response.headers["Strict-Transport-Security"] = "max-age=31536000"
     return response
 
 

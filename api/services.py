@@ -56,7 +56,7 @@ def open_services(settings: ApiSettings) -> Services:
     """Everything the routes need, loaded once at start-up; raises a MammoflError naming what is wrong."""
     deidentifier = Deidentifier(parse_options(settings.deidentification_options),
                                 load_secret(settings.deidentification_secret_file),
-                                max_pixels=settings.max_image_pixels)
+                                max_pixels=settings.max_image_pixels, max_decoded_bytes=settings.max_decoded_bytes)
     models = load_registry(settings.model_dir, variants=settings.variants, default=settings.default_variant,
                            threads=settings.cpu_threads, workers=settings.inference_workers,
                            micro_batch_size=settings.micro_batch_size,

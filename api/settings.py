@@ -52,12 +52,29 @@ class ApiSettings(BaseSettings):
     allow_unchecked_models: bool = False
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(80_000_000, ge=1)
+    # The largest mammograms are about 23 Mpx (4096 x 5625); decoding costs several bytes per pixel.
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_decoded_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     cors_origins: tuple[str, ...] = ()
     audit_log_path: Path | None = Path("data/api/audit.jsonl")
     retry_after_s: int = Field(5, ge=1)
     web_dir: Path | None = Path(__file__).parent / "web"
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     docs_enabled: bool = False  # /docs and /redoc (Swagger UI and ReDoc load scripts from a CDN)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together: give both (HTTPS) or neither")
+        for path in (self.tls_certfile, self.tls_keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certfile is not None
 
     @model_validator(mode="after")
     def _default_among_variants(self) -> ApiSettings:

@@ -66,13 +66,21 @@ class CleanImage:
     deidentification: dict[str, Any]
 
 
+# Bytes per band of PIL modes that are not 8-bit; and what decoding adds per pixel (a grey copy
+# and the float32 image the model and the de-identification read).
+RASTER_BAND_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
+WORKING_BYTES_PER_PIXEL = 6
+
+
 class Deidentifier:
     """Turns uploaded bytes into a :class:`CleanImage`, or raises :class:`UploadRejected`."""
 
-    def __init__(self, options: DeidentificationOptions, secret: bytes, *, max_pixels: int) -> None:
+    def __init__(self, options: DeidentificationOptions, secret: bytes, *, max_pixels: int,
+                 max_decoded_bytes: int = 256 * 1024 * 1024) -> None:
         self._options = options
         self._secret = secret
         self._max_pixels = max_pixels
+        self._max_decoded_bytes = max_decoded_bytes
 
     def clean(self, data: bytes) -> CleanImage:
         if not data:
@@ -87,7 +95,8 @@ class Deidentifier:
         try:
             header = read_dataset(data)
             self._check_size(int(header.get("Columns") or 0), int(header.get("Rows") or 0),
-                             int(header.get("NumberOfFrames") or 1))
+                             int(header.get("NumberOfFrames") or 1),
+                             int(header.get("SamplesPerPixel") or 1) * -(-int(header.get("BitsAllocated") or 16) // 8))
             cleaned, summary = deidentify_bytes(data, self._options, self._secret)
         except Quarantined as error:
             raise UploadRejected(422, f"the DICOM file cannot be de-identified ({error.reason}): {error}") from error
@@ -99,7 +108,7 @@ class Deidentifier:
     def _clean_raster(self, data: bytes) -> CleanImage:
         try:
             with Image.open(io.BytesIO(data)) as picture:
-                self._check_size(*picture.size, 1)
+                self._check_size(*picture.size, 1, len(picture.getbands()) * RASTER_BAND_BYTES.get(picture.mode, 1))
                 kind = picture.format.lower()
                 picture.load()
                 grey = picture if picture.mode in ("L", "I;16") else picture.convert("L")
@@ -122,12 +131,24 @@ class Deidentifier:
                    "redactions": redactions, "dates": None}
         return CleanImage(cleaned, PNG_TYPE, pixels.shape[1], pixels.shape[0], pixels, summary)
 
-    def _check_size(self, width: int, height: int, frames: int) -> None:
+    def _check_size(self, width: int, height: int, frames: int, stored_bytes: int) -> None:
+        """Refuse before decoding what would take too many pixels, or too much memory to decode.
+
+        A few hundred KB of compressed PNG can declare an 8900 x 8900 RGBA image: 1.2 GB once
+        decoded, converted and turned into floats. The estimate counts the decoded samples
+        plus the working copies (grey and float32) every upload goes through.
+        """
         if width < 1 or height < 1:
             raise UploadRejected(422, f"the image declares {width} x {height} pixels; both must be at least 1")
-        if width * height * max(frames, 1) > self._max_pixels:
+        pixels = width * height * max(frames, 1)
+        if pixels > self._max_pixels:
             raise UploadRejected(422, f"the image declares {width} x {height} pixels x {frames} frame(s), "
                                       f"over the limit of {self._max_pixels} pixels")
+        needed = pixels * (max(stored_bytes, 1) + WORKING_BYTES_PER_PIXEL)
+        if needed > self._max_decoded_bytes:
+            raise UploadRejected(422, f"the image ({width} x {height} x {frames} frame(s), {stored_bytes} byte(s) per "
+                                      f"pixel) would take about {needed // 2**20} MiB to decode, over the limit of "
+                                      f"{self._max_decoded_bytes // 2**20} MiB; send a greyscale mammogram")
 
 
 def decode_image(data: bytes, content_type: str) -> np.ndarray:

@@ -22,15 +22,26 @@ def _serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from api.services import open_services
+    from pydantic import ValidationError
+
+    from api.settings import ApiSettings
+    from common.errors import ConfigError
 
     settings = _settings(args)
-    if args.allow_unchecked_models:
-        settings = settings.model_copy(update={"allow_unchecked_models": True})
+    changes = {"allow_unchecked_models": True} if args.allow_unchecked_models else {}
+    if args.certfile is not None or args.keyfile is not None:
+        changes |= {"tls_certfile": args.certfile, "tls_keyfile": args.keyfile}
+    if changes:
+        try:
+            settings = ApiSettings.model_validate(settings.model_dump() | changes)
+        except ValidationError as error:
+            raise ConfigError("; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())) from None
     if settings.allow_unchecked_models:
         logging.getLogger("mammofl.serve").warning(
             "allow_unchecked_models is on: variants without a model card, or whose privacy checks failed, are served")
     services = open_services(settings)
-    uvicorn.run(create_app(settings, services), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(settings, services), host=args.host, port=args.port, log_level=args.log_level,
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
     return 0
 
 
@@ -96,6 +107,8 @@ def add_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--env-file", type=Path, help=env_help)
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--certfile", type=Path, help="serve HTTPS with this PEM certificate (with --keyfile)")
+    serve.add_argument("--keyfile", type=Path, help="the certificate's PEM private key")
     serve.add_argument("--allow-unchecked-models", action="store_true",
                        help="serve variants without a model card or whose card's privacy checks failed (logged)")
     serve.set_defaults(handler=_serve)

@@ -401,3 +401,43 @@ def test_the_audit_log_is_a_hash_chain_that_shows_an_edited_or_removed_line(app,
     copy.write_text("\n".join([lines[0], *lines[2:]]) + "\n")
     assert verify_chain(copy).broken_at == 2
     assert main(["audit", "verify", str(copy)]) == 1 and "BROKEN at line 2" in capsys.readouterr().out
+
+
+def test_the_service_speaks_https_with_hsts_when_given_a_certificate(tmp_path):
+    import socket
+    import ssl
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from api.app import create_app
+    from common.certs import create_tls_files
+    from tests.test_api_support import settings_for
+
+    tls = create_tls_files(tmp_path / "tls", ["127.0.0.1"])
+    settings = settings_for(tmp_path, tls_certfile=tls.server_certificate, tls_keyfile=tls.server_key)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error",
+                                           ssl_certfile=str(tls.server_certificate), ssl_keyfile=str(tls.server_key)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ssl.create_default_context(cafile=str(tls.ca_certificate)))
+        assert answer.status_code == 200 and answer.headers["strict-transport-security"].startswith("max-age=")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)  # no plaintext on the TLS port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_certificate_without_its_key_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "cert.pem").write_text("x")
+    assert main(["serve", "--certfile", str(tmp_path / "cert.pem")]) == 2
+    assert "tls_certfile and tls_keyfile go together" in capsys.readouterr().err

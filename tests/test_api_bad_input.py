@@ -37,11 +37,11 @@ def stored_rows(app) -> tuple[int, int]:
             store.read_rows("SELECT count(*) FROM image_chunks")[0][0])
 
 
-def png_declaring(width: int, height: int) -> bytes:
+def png_declaring(width: int, height: int, colour_type: int = 0) -> bytes:
     """A tiny PNG whose header declares width x height pixels: a decompression bomb's shape."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
@@ -68,6 +68,9 @@ BAD_UPLOADS = {
     "truncated-png": (png_bytes()[:120], 422, "cannot be decoded"),
     "truncated-jpeg": (jpeg_bytes()[:200], 422, "cannot be decoded"),
     "png-bomb": (png_declaring(100_000, 100_000), 422, "over the limit"),
+    # 8900 x 8900 RGBA: 308 KB that decoded to 1.2 GB; fewer pixels in RGBA still cost too much memory.
+    "png-rgba-bomb": (png_declaring(8900, 8900, colour_type=6), 422, "over the limit"),
+    "png-rgba-memory": (png_declaring(6000, 6000, colour_type=6), 422, "MiB to decode"),
     "dicom-absurd-dimensions": (None, 422, "over the limit"),
 }
 
