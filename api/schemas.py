@@ -47,6 +47,8 @@ class ImageInfo(BaseModel):
 class ImageList(BaseModel):
     images: list[ImageInfo]
     next_page_token: str | None = Field(description="pass back as page_token for the next page; null after the last")
+    unreadable: list[str] = Field(default_factory=list, description="ids on this page whose stored key or metadata "
+                                  "cannot be opened (a retired key, tampering): the rest of the page is still listed")
 
 
 class PredictionRequest(BaseModel):

@@ -441,3 +441,23 @@ def test_a_certificate_without_its_key_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "cert.pem").write_text("x")
     assert main(["serve", "--certfile", str(tmp_path / "cert.pem")]) == 2
     assert "tls_certfile and tls_keyfile go together" in capsys.readouterr().err
+
+
+def test_a_prediction_racing_a_delete_leaves_no_orphan_and_answers_404(app, monkeypatch):
+    import uuid as uuid_module
+
+    created = upload(app, png_bytes(seed=6)).json()
+    image_id = uuid_module.UUID(created["image_id"])
+    services = app.services
+    predict = services.models.predict
+
+    async def deleted_while_predicting(variant, pixels):
+        services.images.delete("site-a", image_id)  # an admin's DELETE lands while the model runs
+        services.records.delete_predictions("site-a", image_id)
+        return await predict(variant, pixels)
+
+    monkeypatch.setattr(services.models, "predict", deleted_while_predicting)
+    answer = app.client.post(f"/v1/images/{image_id}/predictions", json={}, headers=app.auth(role="uploader"))
+
+    assert answer.status_code == 404
+    assert services.records.list_predictions("site-a", image_id) == []

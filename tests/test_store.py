@@ -286,8 +286,19 @@ def test_reading_with_a_keyring_that_lacks_the_key_is_a_wrong_key_error(backend,
 
     with pytest.raises(WrongKeyError, match=f"'{stored.key_id}' is not in the keyring"):
         stranger.get(site, stored.image_id)
-    with pytest.raises(WrongKeyError):
-        stranger.list_site(site)
+    page = stranger.list_site(site)
+    assert page.images == [] and page.unreadable == [stored.image_id]
+
+
+def test_one_unreadable_row_does_not_hide_the_rest_of_a_sites_listing(backend, store, site, caplog):
+    readable = [store.put(site, mammogram(500, seed=seed)).image_id for seed in range(3)]
+    lost = backend.open(Keyring.generate()).put(site, mammogram(500, seed=9)).image_id  # its key is not ours
+
+    with caplog.at_level("ERROR", logger="api.store.base"):
+        page = store.list_site(site)
+
+    assert sorted(image.image_id for image in page.images) == sorted(readable)
+    assert page.unreadable == [lost] and str(lost) in caplog.text
 
 
 def test_a_deleted_image_is_gone_with_its_key_and_chunks(backend, store, site):
@@ -327,6 +338,19 @@ def test_a_deleted_images_key_and_ciphertext_are_in_no_file_of_the_sqlite_store(
             assert on_disk(secret) == [], "a deleted image's bytes survive on disk"
         assert store.get(site, kept.image_id).data == mammogram(2 * CHUNK, seed=1)
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_image_deleted_while_it_is_read_is_not_found_not_tampered_with(backend, store, site, monkeypatch):
+    stored = store.put(site, mammogram(3 * CHUNK, seed=4))
+    read_chunks = store._read_chunks
+
+    def deleted_meanwhile(record):
+        store.delete(site, stored.image_id)  # another request's DELETE, between the record and its chunks
+        return read_chunks(record)
+
+    monkeypatch.setattr(store, "_read_chunks", deleted_meanwhile)
+    with pytest.raises(ImageNotFoundError, match=f"no image {stored.image_id}"):
+        store.get(site, stored.image_id)
 
 
 def test_listing_separates_sites_and_pages_through_each_image_once(store, site):

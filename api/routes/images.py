@@ -64,7 +64,8 @@ def list_images(principal: Reader, service: ServicesDep,
                                                         description="next_page_token of the last page")] = None,
                 ) -> ImageList:
     page = service.images.list_site(principal.site_id, page_size=page_size, page_token=page_token)
-    return ImageList(images=[image_info(metadata) for metadata in page.images], next_page_token=page.next_page_token)
+    return ImageList(images=[image_info(metadata) for metadata in page.images], next_page_token=page.next_page_token,
+                     unreadable=[str(image_id) for image_id in page.unreadable])
 
 
 @router.get("/{image_id}", response_model=ImageInfo, responses=errors(401, 404, 422, 503), summary="An image's metadata")

@@ -26,6 +26,7 @@ from api.schemas import (
     UploadAndPrediction,
 )
 from api.services import Services
+from api.store.base import ImageNotFoundError
 from api.store.records import PredictionRecord
 from api.uploads import decode_image
 
@@ -55,6 +56,10 @@ async def predict_and_store(service: Services, site_id: str, image_id: uuid.UUID
     record = PredictionRecord(site_id, image_id, uuid.UUID(prediction.prediction_id), prediction.created_at,
                               prediction.model_dump(mode="json"))
     await run_in_threadpool(service.records.add_prediction, record)
+    if not await run_in_threadpool(service.images.exists, site_id, image_id):
+        # The image was deleted while the model ran: its predictions go with it, none is left orphaned.
+        await run_in_threadpool(service.records.delete_predictions, site_id, image_id)
+        raise ImageNotFoundError(f"no image {image_id} at site '{site_id}' (deleted while predicting)")
     service.metrics.observe_prediction(metadata.variant, inference.latency_ms / 1000)
     return prediction
 

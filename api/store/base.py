@@ -25,16 +25,19 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from api.crypto import CryptoError, ImageCipher, IntegrityError, Keyring, WrappedKey, WrongKeyError
 from common.errors import MammoflError
+
+logger = logging.getLogger(__name__)
 
 MIN_CHUNK_SIZE = 256 * 1024
 MAX_CHUNK_SIZE = 1024 * 1024
@@ -106,6 +109,7 @@ class ImagePage:
 
     images: list[ImageMetadata]
     next_page_token: str | None
+    unreadable: list[uuid.UUID] = field(default_factory=list)  # rows whose key or metadata would not open
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,13 @@ class ImageStore(ABC):
         record = self._require(site_id, image_id)
         cipher = self._cipher(record)
         metadata = _open_metadata(cipher, record)
-        return StoredImage(metadata, _decrypt_chunks(cipher, metadata, self._read_chunks(record)))
+        try:
+            return StoredImage(metadata, _decrypt_chunks(cipher, metadata, self._read_chunks(record)))
+        except MissingChunkError:
+            # Deleted while it was being read (the record went first): gone, not tampered with.
+            if self._read_record(site_id, image_id) is None:
+                self._require(site_id, image_id)
+            raise
 
     def metadata(self, site_id: str, image_id: uuid.UUID) -> ImageMetadata:
         """The image's metadata, decrypted, without reading its chunks."""
@@ -195,9 +205,17 @@ class ImageStore(ABC):
             raise InvalidRequestError(f"page_size {page_size} is outside 1..{MAX_PAGE_SIZE}")
         position = None if page_token is None else _decode_page_token(page_token, site_id)
         records, next_position = self._list_records(site_id, page_size, position)
-        images = [_open_metadata(self._cipher(record), record) for record in records]
+        images, unreadable = [], []
+        for record in records:
+            try:
+                images.append(_open_metadata(self._cipher(record), record))
+            except CryptoError as error:
+                # One row wrapped with a lost key, or tampered with, must not hide the site's other images.
+                logger.error("image %s of site %s cannot be opened (%s: %s); listed as unreadable",
+                             record.image_id, site_id, type(error).__name__, error)
+                unreadable.append(record.image_id)
         token = None if next_position is None else _encode_page_token(site_id, next_position)
-        return ImagePage(images, token)
+        return ImagePage(images, token, unreadable)
 
     def rewrap_keys(self, *, from_key_id: str | None = None) -> int:
         """Re-wraps data keys with the keyring's active key; returns how many were re-wrapped.
