@@ -221,3 +221,15 @@ def _days(value: str) -> int:
 def _differing(first: pydicom.Dataset, second: pydicom.Dataset) -> set[str]:
     keywords = {elem.keyword for elem in first} | {elem.keyword for elem in second}
     return {keyword for keyword in keywords if keyword and first.get(keyword) != second.get(keyword)}
+
+
+def test_pydicom_never_logs_a_header_value(caplog):
+    import logging
+
+    from common import dicom_logging  # noqa: F401  (what every DICOM-reading package imports)
+
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("pydicom").warning("Invalid value for VR UI: '1.2.SMITH^JOHN'. Please see the standard")
+        logging.getLogger("pydicom.valuerep").warning('Invalid value for VR IS: "JOHN1970"')
+    assert "SMITH" not in caplog.text and "JOHN1970" not in caplog.text
+    assert "Invalid value for VR UI: '<value withheld>'" in caplog.text

@@ -208,3 +208,21 @@ def test_readiness_is_503_while_the_store_is_unreachable(app, monkeypatch):
     assert response.status_code == 503 and response.json()["status"] == "not ready"
     assert response.headers["retry-after"] == "5"
     assert app.client.get("/healthz").status_code == 200
+
+
+def test_an_upload_with_invalid_header_values_logs_none_of_them(app, caplog):
+    import logging
+    import warnings
+
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(io.BytesIO(canary_dicom()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.add(DataElement(0x00200052, "UI", "1.2.ZQXUIDSMITH"))  # invalid UI: pydicom quotes it
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+    with caplog.at_level(logging.DEBUG):
+        response = upload(app, buffer.getvalue())
+    assert response.status_code < 500
+    assert "Invalid value for VR UI" in caplog.text and "ZQXUIDSMITH" not in caplog.text

@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from scipy import ndimage
 
+from common import dicom_logging  # noqa: F401  (pydicom's logs quote header values: withheld)
 from common.errors import DataError, DicomReadError
 
 RASTER_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
