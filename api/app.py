@@ -27,7 +27,8 @@ from api.routes import health, images, keys, models, predictions
 from api.services import Services, open_services
 from api.settings import ApiSettings
 from api.store.base import ImageNotFoundError, InvalidRequestError, StoreError
-from api.uploads import BodyLimitMiddleware, UploadRejected
+from api.guard import RequestGuard
+from api.uploads import UploadRejected
 
 logger = logging.getLogger(__name__)
 API_PREFIX = "/v1"
@@ -58,7 +59,9 @@ def create_app(settings: ApiSettings, services: Services | None = None) -> FastA
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(health.router)
     _add_error_answers(app, settings)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestGuard, max_bytes=settings.max_upload_bytes, max_json_bytes=settings.max_json_bytes,
+                       idle_timeout_s=settings.body_idle_timeout_s, total_timeout_s=settings.body_total_timeout_s,
+                       max_concurrent=settings.max_concurrent_uploads, retry_after_s=settings.retry_after_s)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])

@@ -52,6 +52,10 @@ class ApiSettings(BaseSettings):
     allow_unchecked_models: bool = False
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_json_bytes: int = Field(64 * 1024, ge=1024)
+    body_idle_timeout_s: float = Field(10.0, gt=0.0, le=600.0)
+    body_total_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
+    max_concurrent_uploads: int = Field(8, ge=1, le=1024)
     # The largest mammograms are about 23 Mpx (4096 x 5625); decoding costs several bytes per pixel.
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_decoded_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)

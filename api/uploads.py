@@ -13,17 +13,14 @@ Nothing in a message or summary is read from the upload's metadata.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import HTTPException
 from PIL import Image
 from pydicom.datadict import keyword_for_tag
 from pydicom.tag import Tag
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anonymize.deidentify import (
     DeidentificationSummary,
@@ -212,51 +209,3 @@ def _blank_burned_in_text(stored: np.ndarray) -> int:
     except BurnedInTextError as error:
         raise UploadRejected(422, f"the image cannot be de-identified (burned-in-text): {error}") from error
     return len(redactions)
-
-
-class BodyLimitMiddleware:
-    """Refuses a request body over ``max_bytes`` with 413: at once from Content-Length, else while
-    streaming, so an oversized upload is never read whole."""
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _too_large(send, self.max_bytes)
-            return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-class BodyTooLarge(HTTPException):
-    """Raised while a streamed body passes the limit; an HTTPException so that body parsing lets it through."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, detail=too_large_message(max_bytes))
-
-
-def too_large_message(max_bytes: int) -> str:
-    return f"the request body is over the upload limit of {max_bytes} bytes"
-
-
-async def _too_large(send: Send, max_bytes: int) -> None:
-    body = json.dumps({"detail": too_large_message(max_bytes)}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
