@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ import pydicom
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
@@ -150,13 +151,23 @@ def deidentify_bytes(data: bytes, options: DeidentificationOptions, secret: byte
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # pydicom's warnings quote values: keep them off the console
         ds = read_dataset(data)
-        summary = deidentify_dataset(ds, options, secret, safe_private=safe_private, warnings_seen=caught)
+        try:
+            summary = deidentify_dataset(ds, options, secret, safe_private=safe_private, warnings_seen=caught)
+        except MALFORMED_ELEMENT as exc:
+            # pydicom decodes elements when first touched: an unknown VR or a length that does not fit
+            # its VR surfaces wherever the profile first reads that element. Nothing is written.
+            raise Quarantined("invalid-value", f"an element has an unknown Value Representation or a length "
+                                               f"that does not fit its VR ({type(exc).__name__})") from exc
         output = encode(ds)
         _check_rereads(output)
     input_hash = input_sha256 or hashlib.sha256(data).hexdigest()
     output_hash = hashlib.sha256(output).hexdigest()
     return output, DeidentificationSummary(input_hash, output_hash, summary.sop_class_uid, summary.options,
                                            summary.key_id, summary.actions, summary.redactions, summary.dates)
+
+
+# What pydicom raises when it decodes a malformed element: an unknown VR, bytes that do not fit it.
+MALFORMED_ELEMENT = (NotImplementedError, BytesLengthException, struct.error, OSError, EOFError)
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -166,10 +177,14 @@ def read_dataset(data: bytes) -> Dataset:
     except InvalidDicomError as exc:
         raise Quarantined("not-dicom", "not a DICOM Part 10 file (no 'DICM' marker after the 128-byte "
                                        "preamble)") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, *MALFORMED_ELEMENT) as exc:
         raise Quarantined("truncated", f"the DICOM header cannot be parsed: truncated or corrupt "
                                        f"({type(exc).__name__})") from exc
-    _require_complete(ds)
+    try:
+        _require_complete(ds)
+    except MALFORMED_ELEMENT as exc:
+        raise Quarantined("invalid-value", f"an element has an unknown Value Representation or a length that does "
+                                           f"not fit its VR ({type(exc).__name__})") from exc
     return ds
 
 
@@ -482,7 +497,9 @@ def _store_pixels(ds: Dataset, pixels: np.ndarray) -> None:
 
 def _rebuild_file_meta(ds: Dataset) -> None:
     """New file meta holding only what Part 10 requires, and an empty preamble (both may carry PHI)."""
-    syntax = ds.file_meta.TransferSyntaxUID
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None:
+        raise Quarantined("not-composite", "file meta has no (0002,0010) Transfer Syntax UID")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

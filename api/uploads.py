@@ -23,6 +23,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.tag import Tag
 
 from anonymize.deidentify import (
+    MALFORMED_ELEMENT,
     DeidentificationSummary,
     Quarantined,
     deidentify_bytes,
@@ -99,6 +100,9 @@ class Deidentifier:
             raise UploadRejected(422, f"the DICOM file cannot be de-identified ({error.reason}): {error}") from error
         except (TypeError, ValueError) as error:
             raise UploadRejected(422, "the DICOM file's Rows, Columns or Number of Frames is not a number") from error
+        except MALFORMED_ELEMENT as error:
+            raise UploadRejected(422, f"the DICOM header cannot be parsed: an element has an unknown Value "
+                                      f"Representation or a malformed value ({type(error).__name__})") from error
         pixels = decode_image(cleaned, DICOM_TYPE)
         return CleanImage(cleaned, DICOM_TYPE, pixels.shape[1], pixels.shape[0], pixels, dicom_summary(summary))
 

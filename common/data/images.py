@@ -176,7 +176,7 @@ def _apply_luts(pixels: np.ndarray, dataset: Dataset, path: Path | str) -> np.nd
     """Stored values to presentation values: Modality LUT (rescale), then VOI LUT or window."""
     try:
         return apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
-    except (ValueError, KeyError, IndexError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise DicomReadError(
             f"{path}: Modality or VOI LUT attributes (group 0028) are invalid ({exc})"
         ) from exc
