@@ -22,9 +22,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import secrets
 import stat
+import threading
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.errors import MammoflError
 
+logger = logging.getLogger(__name__)
 KEYRING_ENV = "MAMMOFL_KEYRING"
 KEYRING_FORMAT = "mammofl-keyring/1"
 KEY_BYTES = 32
@@ -250,14 +253,70 @@ def list_keys(keyring_path: Path) -> list[KeyInfo]:
     return Keyring.from_file(keyring_path).describe()
 
 
-def load_keyring(keyring_path: Path | None) -> Keyring:
-    """The keyring from ``MAMMOFL_KEYRING`` when that is set, else from ``keyring_path``."""
+def load_keyring(keyring_path: Path | None, *, follow: bool = False) -> Keyring | FileKeyring:
+    """The keyring from ``MAMMOFL_KEYRING`` when that is set, else from ``keyring_path``.
+
+    With `follow` (the running service) a file keyring is re-read whenever the file changes, so
+    that ``mammofl keys rotate`` takes effect while the service runs.
+    """
     if os.environ.get(KEYRING_ENV):
         return Keyring.from_env()
     if keyring_path is None:
         raise KeyringError(f"no keyring: set {KEYRING_ENV} or name a keyring file "
                            f"(create one with `mammofl keys create`)")
-    return Keyring.from_file(keyring_path)
+    return FileKeyring(keyring_path) if follow else Keyring.from_file(keyring_path)
+
+
+class FileKeyring:
+    """A keyring file followed while a service runs: every use checks the file and re-reads it if it changed.
+
+    ``mammofl keys rotate`` writes the file atomically (a new inode), so a stat per use sees a
+    rotation at once: new data keys are wrapped with the new active key, images re-wrapped with
+    it open, and a retired key is gone. A file that cannot be read keeps the last good keyring
+    (logged), so a botched edit does not take the service down.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._current = Keyring.from_file(self._path)
+        self._signature = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = self._path.stat()
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
+    @property
+    def current(self) -> Keyring:
+        signature = self._stat()
+        if signature is not None and signature != self._signature:
+            with self._lock:
+                if signature != self._signature:
+                    try:
+                        self._current = Keyring.from_file(self._path)
+                        logger.info("keyring %s re-read: active key %s", self._path, self._current.active_key_id)
+                    except KeyringError as error:
+                        logger.error("keyring %s changed but cannot be read (%s); keeping the last good one",
+                                     self._path, error)
+                    self._signature = signature
+        return self._current
+
+    @property
+    def active_key_id(self) -> str:
+        return self.current.active_key_id
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return self.current.key_ids
+
+    def material(self, key_id: str) -> bytes:
+        return self.current.material(key_id)
+
+    def describe(self) -> list[KeyInfo]:
+        return self.current.describe()
 
 
 def _associated_data(*fields: str | bytes | int) -> bytes:

@@ -35,7 +35,8 @@ class Services:
 
 def open_store(settings: ApiSettings) -> tuple[ImageStore, ServiceRecords]:
     """The image store of the configured backend and the records beside it."""
-    keyring = load_keyring(settings.keyring_path)
+    # Followed: a `mammofl keys rotate` while the service runs takes effect at once.
+    keyring = load_keyring(settings.keyring_path, follow=True)
     if settings.store_backend == "cassandra":
         from api.store.cassandra import CassandraImageStore
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -283,23 +284,41 @@ def _keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+RETIRE_GRACE_S = 3.0
+"""How long a retired key's last users get: a running service re-reads the keyring file on its next
+use of it, and an upload that took the old key just before finishes within this."""
+
+
+def _wait_for_old_keys_last_users() -> None:
+    time.sleep(RETIRE_GRACE_S)
+
+
 def _keys_rotate(args: argparse.Namespace) -> int:
-    """New active key; with a store named, re-wrap its data keys (images are not re-encrypted)."""
+    """New active key; with a store named, re-wrap its data keys (images are not re-encrypted).
+
+    Safe while the service runs (it follows the keyring file): with --retire-old the old keys
+    leave the file only after every data key is re-wrapped; then, after a grace period, data
+    keys that a service wrapped with an old key in the meantime are re-wrapped too, with the
+    old keys this process still holds. Nothing is left wrapped by a destroyed key.
+    """
     from api.crypto import list_keys, load_keyring, retire_key, rotate_key
 
     old_ids = [info.key_id for info in list_keys(args.keyring)]
     new_id = rotate_key(args.keyring)
     print(f"new active key {new_id}")
-    store = _open_store(args, load_keyring(args.keyring))
+    store = _open_store(args, load_keyring(args.keyring))  # in memory: the new key and the old ones
     if store is None:
         print("no store named: existing images keep their old wrapping until `keys rotate` runs with --sqlite/--cassandra")
         return 0
     with store:
         print(f"re-wrapped {store.rewrap_keys()} data key(s) with {new_id}")
-    if args.retire_old:
-        for key_id in old_ids:
-            retire_key(args.keyring, key_id)
-        print(f"retired {len(old_ids)} old key(s)")
+        if args.retire_old:
+            for key_id in old_ids:
+                retire_key(args.keyring, key_id)
+            _wait_for_old_keys_last_users()
+            late = store.rewrap_keys()
+            print(f"retired {len(old_ids)} old key(s)" + (f"; re-wrapped {late} data key(s) written with an old key "
+                                                          "meanwhile" if late else ""))
     return 0
 
 

@@ -75,8 +75,10 @@ def test_smoke_config_pretrains_and_trains_end_to_end(tmp_path, monkeypatch, cap
     assert "Test metrics" in capsys.readouterr().out
 
 
-def test_keys_create_rotate_rewrap_and_retire_keep_images_readable(tmp_path, capsys):
+def test_keys_create_rotate_rewrap_and_retire_keep_images_readable(tmp_path, capsys, monkeypatch):
     from api.crypto import list_keys, load_keyring
+
+    monkeypatch.setattr("mammofl.cli._wait_for_old_keys_last_users", lambda: None)
     from api.store.sqlite import SQLiteImageStore
 
     keyring, database = tmp_path / "keyring.json", tmp_path / "store.db"
@@ -94,3 +96,32 @@ def test_keys_create_rotate_rewrap_and_retire_keep_images_readable(tmp_path, cap
     assert "re-wrapped 1 data key(s)" in capsys.readouterr().out
     assert main(["keys", "create", "--keyring", str(keyring)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_rotation_while_the_service_runs_loses_no_image(tmp_path, capsys, monkeypatch):
+    # Before: the running service kept its start-up keyring, so re-wrapped images answered
+    # WrongKeyError and new uploads were wrapped with the key just destroyed.
+    from api.crypto import Keyring, list_keys, load_keyring
+    from api.store.sqlite import SQLiteImageStore
+
+    keyring, database = tmp_path / "keyring.json", tmp_path / "store.db"
+    assert main(["keys", "create", "--keyring", str(keyring)]) == 0
+    service = SQLiteImageStore(database, load_keyring(keyring, follow=True))
+    lagging = SQLiteImageStore(database, Keyring.from_file(keyring))  # a worker that has not re-read the file yet
+    before = service.put("site-a", b"before" * 500).image_id
+    late = []
+    monkeypatch.setattr("mammofl.cli._wait_for_old_keys_last_users",
+                        lambda: late.append(lagging.put("site-a", b"late" * 500).image_id))
+
+    assert main(["keys", "rotate", "--keyring", str(keyring), "--sqlite", str(database), "--retire-old"]) == 0
+
+    (active,) = [info.key_id for info in list_keys(keyring)]
+    assert service.get("site-a", before).data == b"before" * 500  # the running service follows the file
+    after = service.put("site-a", b"after" * 500)
+    assert after.key_id == active
+    restarted = SQLiteImageStore(database, Keyring.from_file(keyring))
+    for image_id, data in ((before, b"before" * 500), (after.image_id, b"after" * 500), (late[0], b"late" * 500)):
+        assert restarted.get("site-a", image_id).data == data
+    assert "re-wrapped 1 data key(s) written with an old key meanwhile" in capsys.readouterr().out
+    for store in (service, lagging, restarted):
+        store.close()
