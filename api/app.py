@@ -27,7 +27,7 @@ from api.routes import health, images, keys, models, predictions
 from api.services import Services, open_services
 from api.settings import ApiSettings
 from api.store.base import ImageNotFoundError, InvalidRequestError, StoreError
-from api.guard import RequestGuard
+from api.guard import AddressRateLimit, RequestGuard
 from api.uploads import UploadRejected
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def create_app(settings: ApiSettings, services: Services | None = None) -> FastA
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(AddressRateLimit, per_minute=settings.rate_limit_per_address)
     app.middleware("http")(_observe)
     if settings.tls:
         app.middleware("http")(_strict_transport)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -122,6 +123,11 @@ async def current_principal(request: Request,
     if principal is None:
         raise unauthorised("invalid API key: unknown, revoked or malformed")
     request.state.principal = principal
+    limits = request.app.state.services.key_limits
+    wait = limits.take(principal.key_id) if limits is not None else None
+    if wait is not None:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail="too many requests with this API key; slow down",
+                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
     return principal
 
 

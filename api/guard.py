@@ -9,13 +9,21 @@
   connection and a worker for minutes.
 - **How many at once.** At most ``max_concurrent_uploads`` bodies are read at a time; the next
   is 503 with Retry-After rather than queued in memory.
+- **How often.** ``rate_limit_per_address`` requests a minute per client address (before the
+  key is even checked) and ``rate_limit_per_key`` per API key (after it is verified: a key id
+  is public, so an unverified one must not spend its holder's allowance); beyond, 429 with
+  Retry-After. Behind a proxy every client shares the proxy's address: raise or disable
+  (0) the per-address limit there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import threading
 import time
+from collections import OrderedDict
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -107,3 +115,47 @@ async def _answer(send: Send, status: int, detail: str, headers: list[tuple[byte
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+class TokenBuckets:
+    """Per-name token buckets: `per_minute` requests a minute, bursts of up to a tenth of a minute's.
+
+    Bounded in memory: the least recently seen names are forgotten beyond `max_names`.
+    """
+
+    def __init__(self, per_minute: int, *, max_names: int = 10_000) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(10.0, per_minute / 6.0)
+        self.max_names = max_names
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, name: str) -> float | None:
+        """None when the request may go, else the seconds until it could."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.pop(name, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            allowed = tokens >= 1.0
+            self._buckets[name] = (tokens - 1.0 if allowed else tokens, now)
+            while len(self._buckets) > self.max_names:
+                self._buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) / self.rate
+
+
+class AddressRateLimit:
+    """ASGI middleware: ``/v1`` requests per client address, before anything else is done (429)."""
+
+    def __init__(self, app: ASGIApp, *, per_minute: int) -> None:
+        self.app = app
+        self.buckets = TokenBuckets(per_minute) if per_minute > 0 else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.buckets is not None and scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+            address = (scope.get("client") or ("unknown", 0))[0]
+            wait = self.buckets.take(address)
+            if wait is not None:
+                await _answer(send, 429, "too many requests from this address; slow down",
+                              [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+                return
+        await self.app(scope, receive, send)

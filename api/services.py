@@ -9,6 +9,7 @@ from anonymize.secret import load_secret
 from api.audit import AuditLog
 from api.auth import ApiKeys
 from api.crypto import load_keyring
+from api.guard import TokenBuckets
 from api.inference import ModelRegistry, load_registry
 from api.metrics import Metrics
 from api.settings import ApiSettings
@@ -27,6 +28,7 @@ class Services:
     deidentifier: Deidentifier
     audit: AuditLog
     metrics: Metrics
+    key_limits: TokenBuckets | None = None  # per-key request rate (`api.guard`)
 
     def close(self) -> None:
         self.models.close()
@@ -69,4 +71,5 @@ def open_services(settings: ApiSettings) -> Services:
         models.close()
         raise
     return Services(settings, images, records, ApiKeys(records), models, deidentifier,
-                    AuditLog(settings.audit_log_path), Metrics())
+                    AuditLog(settings.audit_log_path), Metrics(),
+                    TokenBuckets(settings.rate_limit_per_key) if settings.rate_limit_per_key else None)

@@ -56,6 +56,8 @@ class ApiSettings(BaseSettings):
     body_idle_timeout_s: float = Field(10.0, gt=0.0, le=600.0)
     body_total_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
     max_concurrent_uploads: int = Field(8, ge=1, le=1024)
+    rate_limit_per_address: int = Field(1200, ge=0)  # requests a minute; 0: no limit
+    rate_limit_per_key: int = Field(600, ge=0)
     # The largest mammograms are about 23 Mpx (4096 x 5625); decoding costs several bytes per pixel.
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_decoded_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)

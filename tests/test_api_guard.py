@@ -96,3 +96,25 @@ def test_uploads_beyond_the_concurrency_bound_are_503_not_queued(tmp_path):
         first, second = asyncio.run(both())
     assert second.status == 503 and second.headers[b"retry-after"] == b"5" and second.read == 0
     assert first.status != 503
+
+
+def test_requests_beyond_an_addresss_rate_are_429_with_retry_after(tmp_path):
+    with running_app(settings_for(tmp_path, rate_limit_per_address=60)) as app:  # bursts of 10
+        answers = [app.client.get("/v1/images", headers=app.auth(role="reader")).status_code for _ in range(12)]
+        limited = app.client.get("/v1/images")
+        probe = app.client.get("/healthz")
+    assert answers[:10] == [200] * 10 and answers[-1] == 429
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert probe.status_code == 200  # probes and the front end are not /v1
+
+
+def test_a_keys_rate_is_its_own_and_an_unverified_key_id_spends_nothing(tmp_path):
+    with running_app(settings_for(tmp_path, rate_limit_per_key=60)) as app:
+        reader, other = app.auth(role="reader"), app.auth(site="site-b", role="reader")
+        key_id = reader["Authorization"].split("_")[1]
+        forged = {"Authorization": f"Bearer mfk_{key_id}_" + "x" * 43}  # the public id, a wrong secret
+        for _ in range(30):
+            assert app.client.get("/v1/images", headers=forged).status_code == 401
+        answers = [app.client.get("/v1/images", headers=reader).status_code for _ in range(11)]
+        assert app.client.get("/v1/images", headers=other).status_code == 200
+    assert answers[:10] == [200] * 10 and answers[10] == 429

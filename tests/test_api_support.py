@@ -139,7 +139,7 @@ def settings_for(root: Path, **changes) -> ApiSettings:
         create_secret(secret)
     values = {"sqlite_path": root / "store.sqlite", "keyring_path": keyring, "deidentification_secret_file": secret,
               "model_dir": serving_dir(), "audit_log_path": root / "audit.jsonl", "web_dir": None,
-              "cpu_threads": 1, **changes}
+              "cpu_threads": 1, "rate_limit_per_address": 0, "rate_limit_per_key": 0, **changes}
     return ApiSettings(**values)
 
 
