@@ -16,8 +16,9 @@ import hmac
 import math
 import re
 import secrets
+import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request, status
@@ -31,6 +32,8 @@ from common.errors import MammoflError
 Role = Literal["reader", "uploader", "admin"]
 ROLE_RANK: dict[str, int] = {"reader": 0, "uploader": 1, "admin": 2}
 KEY_PREFIX = "mfk"
+MAX_KEY_DAYS = 3650
+TOUCH_INTERVAL = timedelta(minutes=1)
 KEY_PATTERN = re.compile(rf"{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{43}})")
 NAME_PATTERN = re.compile(r"[\w .@()-]{1,64}")
 
@@ -68,21 +71,27 @@ class ApiKeys:
 
     def __init__(self, records: ServiceRecords) -> None:
         self._records = records
+        self._touched: dict[str, datetime] = {}
+        self._lock = threading.Lock()
 
-    def create(self, site_id: str, role: str, name: str) -> IssuedKey:
+    def create(self, site_id: str, role: str, name: str, *, expires_in_days: float | None = None) -> IssuedKey:
         if not SITE_ID_PATTERN.fullmatch(site_id):
             raise ApiKeyError(f"site_id {site_id!r} is invalid: 1 to 64 letters, digits, '.', '_' or '-'")
         if role not in ROLE_RANK:
             raise ApiKeyError(f"role {role!r} is invalid; valid: {', '.join(ROLE_RANK)}")
         if not NAME_PATTERN.fullmatch(name):
             raise ApiKeyError(f"key name {name!r} is invalid: 1 to 64 letters, digits, spaces or . @ ( ) _ -")
+        if expires_in_days is not None and not 0 < expires_in_days <= MAX_KEY_DAYS:
+            raise ApiKeyError(f"expiry {expires_in_days!r} days is invalid: more than 0 and at most {MAX_KEY_DAYS}")
         key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-        record = ApiKeyRecord(key_id, site_id, role, name, _hash(secret), datetime.now(timezone.utc))
+        now = datetime.now(timezone.utc)
+        expires_at = None if expires_in_days is None else now + timedelta(days=expires_in_days)
+        record = ApiKeyRecord(key_id, site_id, role, name, _hash(secret), now, expires_at=expires_at)
         self._records.add_key(record)
         return IssuedKey(record, f"{KEY_PREFIX}_{key_id}_{secret}")
 
     def verify(self, api_key: str) -> Principal | None:
-        """The key's principal, or None for a malformed, unknown or revoked key."""
+        """The key's principal, or None for a malformed, unknown, revoked or expired key."""
         match = KEY_PATTERN.fullmatch(api_key)
         if match is None:
             return None
@@ -90,7 +99,20 @@ class ApiKeys:
         record = self._records.get_key(key_id)
         if record is None or not hmac.compare_digest(record.key_hash, _hash(secret)):
             return None
+        now = datetime.now(timezone.utc)
+        if record.revoked_at is not None or (record.expires_at is not None and now >= record.expires_at):
+            return None
+        self._touch(record.key_id, now)
         return Principal(record.key_id, record.site_id, record.role)  # type: ignore[arg-type]
+
+    def _touch(self, key_id: str, now: datetime) -> None:
+        """Last-used time, written at most once a minute per key (not a write per request)."""
+        with self._lock:
+            last = self._touched.get(key_id)
+            if last is not None and now - last < TOUCH_INTERVAL:
+                return
+            self._touched[key_id] = now
+        self._records.touch_key(key_id, now)
 
     def list(self, site_id: str | None = None) -> list[ApiKeyRecord]:
         return self._records.list_keys(site_id)
@@ -100,7 +122,9 @@ class ApiKeys:
         record = self._records.get_key(key_id)
         if record is None or (site_id is not None and record.site_id != site_id):
             raise ApiKeyNotFoundError(f"no API key {key_id!r}" + (f" at site '{site_id}'" if site_id else ""))
-        self._records.delete_key(key_id)
+        if record.revoked_at is not None:
+            raise ApiKeyNotFoundError(f"API key {key_id!r} was revoked already ({record.revoked_at.isoformat()})")
+        self._records.revoke_key(key_id, datetime.now(timezone.utc))
 
 
 def _hash(secret: str) -> str:

@@ -126,6 +126,8 @@ class KeyRequest(BaseModel):
     site_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     role: Role
     name: str = Field(min_length=1, max_length=64)
+    expires_in_days: float | None = Field(None, gt=0, le=3650, description="the key stops working after this "
+                                          "many days; null: no expiry")
 
 
 class KeyInfo(BaseModel):
@@ -134,6 +136,9 @@ class KeyInfo(BaseModel):
     role: Role
     name: str
     created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = Field(None, description="revoked keys are kept (audit lines name them)")
+    last_used_at: datetime | None = Field(None, description="to the minute")
 
 
 class IssuedKey(BaseModel):
@@ -142,6 +147,7 @@ class IssuedKey(BaseModel):
     site_id: str
     role: Role
     name: str
+    expires_at: datetime | None = None
 
 
 class KeyList(BaseModel):

@@ -56,7 +56,7 @@ def _with_keys(args: argparse.Namespace, action) -> int:
 
 def _keys_create(args: argparse.Namespace) -> int:
     def create(keys) -> int:
-        issued = keys.create(args.site, args.role, args.name)
+        issued = keys.create(args.site, args.role, args.name, expires_in_days=args.expires_days)
         print(f"key_id {issued.record.key_id}  site {issued.record.site_id}  role {issued.record.role}")
         print(f"api key (shown once, store it now): {issued.api_key}")
         return 0
@@ -67,7 +67,11 @@ def _keys_create(args: argparse.Namespace) -> int:
 def _keys_list(args: argparse.Namespace) -> int:
     def show(keys) -> int:
         for record in keys.list(args.site):
-            print(f"{record.key_id}  {record.site_id}  {record.role:8}  {record.created_at.isoformat()}  {record.name}")
+            state = (f"revoked {record.revoked_at.isoformat(timespec='seconds')}" if record.revoked_at else
+                     f"expires {record.expires_at.isoformat(timespec='seconds')}" if record.expires_at else "active")
+            used = record.last_used_at.isoformat(timespec="minutes") if record.last_used_at else "never used"
+            print(f"{record.key_id}  {record.site_id}  {record.role:8}  {record.created_at.isoformat(timespec='seconds')}  "
+                  f"{state}  last used {used}  {record.name}")
         return 0
 
     return _with_keys(args, show)
@@ -133,7 +137,8 @@ def add_commands(commands) -> None:
     create.add_argument("--site", required=True, help="the site the key belongs to")
     create.add_argument("--role", required=True, choices=("reader", "uploader", "admin"))
     create.add_argument("--name", required=True, help="who or what holds the key (no patient data)")
-    listing = add("list", _keys_list, "list keys (ids, sites, roles; never the keys)")
+    create.add_argument("--expires-days", type=float, default=None, help="the key stops working after this many days")
+    listing = add("list", _keys_list, "list keys (ids, sites, roles, revoked or expiry, last use; never the keys)")
     listing.add_argument("--site", help="only this site's keys")
     revoke = add("revoke", _keys_revoke, "revoke a key by its id")
     revoke.add_argument("key_id")

@@ -256,8 +256,36 @@ def test_api_keys_command_creates_lists_and_revokes(tmp_path, monkeypatch, capsy
     assert main(["api-keys", "revoke", "--env-file", str(env), key_id]) == 0
     capsys.readouterr()
     assert main(["api-keys", "list", "--env-file", str(env)]) == 0
-    assert key_id not in capsys.readouterr().out
+    listed = [line for line in capsys.readouterr().out.splitlines() if key_id in line]
+    assert len(listed) == 1 and " revoked " in listed[0]  # kept, so audit lines keep their holder
     assert main(["api-keys", "revoke", "--env-file", str(env), key_id]) == 2
+
+
+def test_revoked_and_expired_keys_stop_working_and_use_is_recorded(tmp_path, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    with running_app(settings_for(tmp_path)) as running:
+        keys = running.services.keys
+        issued = running.client.post("/v1/keys", headers=running.auth(), json={
+            "site_id": "site-a", "role": "reader", "name": "short-lived", "expires_in_days": 1}).json()
+        bearer = {"Authorization": f"Bearer {issued['api_key']}"}
+        assert running.client.get("/v1/whoami", headers=bearer).status_code == 200
+        listed = {key["key_id"]: key for key in running.client.get("/v1/keys", headers=running.auth()).json()["keys"]}
+        assert listed[issued["key_id"]]["last_used_at"] is not None
+        assert listed[issued["key_id"]]["expires_at"] == issued["expires_at"]
+
+        later = datetime.now(timezone.utc) + timedelta(days=2)
+        monkeypatch.setattr("api.auth.datetime", type("Later", (datetime,), {"now": staticmethod(lambda tz=None: later)}))
+        assert running.client.get("/v1/whoami", headers=bearer).status_code == 401  # expired
+        monkeypatch.undo()
+
+        other = keys.create("site-a", "reader", "to revoke")
+        assert keys.verify(other.api_key) is not None
+        assert running.client.delete(f"/v1/keys/{other.record.key_id}", headers=running.auth()).status_code == 204
+        assert keys.verify(other.api_key) is None
+        kept = {key["key_id"]: key for key in running.client.get("/v1/keys", headers=running.auth()).json()["keys"]}
+        assert kept[other.record.key_id]["revoked_at"] is not None
+        assert running.client.delete(f"/v1/keys/{other.record.key_id}", headers=running.auth()).status_code == 404
 
 
 def test_a_bad_setting_is_one_clear_error_naming_its_variable(tmp_path, capsys):

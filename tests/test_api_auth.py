@@ -109,3 +109,21 @@ def test_a_key_with_a_wrong_secret_is_refused(app):
     key = app.keys[("site-a", "admin")]
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
     assert app.client.get("/v1/whoami", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+
+
+def test_a_store_made_before_key_expiry_and_revocation_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from api.crypto import Keyring
+    from api.store.records_sqlite import SQLiteServiceRecords
+    from api.store.sqlite import SQLiteImageStore
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, site_id TEXT NOT NULL, role TEXT NOT NULL, "
+                           "name TEXT NOT NULL, key_hash TEXT NOT NULL, created_at TEXT NOT NULL)")
+        connection.execute("INSERT INTO api_keys VALUES ('00112233445566aa', 'site-a', 'reader', 'old', 'h', "
+                           "'2026-01-01T00:00:00+00:00')")
+    with SQLiteImageStore(path, Keyring.generate()) as store:
+        record = SQLiteServiceRecords(store).get_key("00112233445566aa")
+    assert record is not None and record.name == "old" and record.revoked_at is None and record.expires_at is None

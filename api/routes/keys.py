@@ -26,17 +26,19 @@ def create_key(body: KeyRequest, request: Request, principal: Admin,
         raise HTTPException(status.HTTP_403_FORBIDDEN,
                             detail=f"an admin key of site '{principal.site_id}' issues keys for that site only; "
                                    f"use `mammofl api-keys create` for another site")
-    issued = service.keys.create(body.site_id, body.role, body.name)
+    issued = service.keys.create(body.site_id, body.role, body.name, expires_in_days=body.expires_in_days)
     request.state.audit_resource = issued.record.key_id
     record = issued.record
     return IssuedKey(key_id=record.key_id, api_key=issued.api_key, site_id=record.site_id, role=record.role,
-                     name=record.name)
+                     name=record.name, expires_at=record.expires_at)
 
 
 @router.get("/keys", response_model=KeyList, responses=errors(401, 403, 503), summary="The admin's site's API keys")
 def list_keys(principal: Admin, service: ServicesDep) -> KeyList:
     return KeyList(keys=[KeyInfo(key_id=record.key_id, site_id=record.site_id, role=record.role, name=record.name,
-                                 created_at=record.created_at) for record in service.keys.list(principal.site_id)])
+                                 created_at=record.created_at, expires_at=record.expires_at,
+                                 revoked_at=record.revoked_at, last_used_at=record.last_used_at)
+                         for record in service.keys.list(principal.site_id)])
 
 
 @router.delete("/keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,

@@ -27,6 +27,9 @@ class ApiKeyRecord:
     name: str
     key_hash: str
     created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None  # a revoked key is kept, so that audit lines keep their holder
+    last_used_at: datetime | None = None  # to the minute at best (`api.auth.ApiKeys` writes it at most that often)
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,19 @@ class ServiceRecords(ABC):
 
     @abstractmethod
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
-        """The key record, or None when there is none (never created, or revoked)."""
+        """The key record (revoked ones too), or None when there is none."""
 
     @abstractmethod
     def list_keys(self, site_id: str | None = None) -> list[ApiKeyRecord]:
         """Every key record (of ``site_id`` when given), oldest first."""
 
     @abstractmethod
-    def delete_key(self, key_id: str) -> None:
-        """Removes the key record; a removed key no longer authenticates."""
+    def revoke_key(self, key_id: str, when: datetime) -> None:
+        """Marks the key revoked at `when`; a revoked key no longer authenticates, its record stays."""
+
+    @abstractmethod
+    def touch_key(self, key_id: str, when: datetime) -> None:
+        """Records that the key was last used at `when`."""
 
     @abstractmethod
     def add_prediction(self, record: PredictionRecord) -> None:

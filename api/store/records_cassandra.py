@@ -14,7 +14,8 @@ from datetime import timezone
 from api.store.cassandra import CassandraImageStore
 from api.store.records import ApiKeyRecord, PredictionRecord, ServiceRecords
 
-KEY_COLUMNS = "key_id, site_id, role, name, key_hash, created_at"
+KEY_COLUMNS = "key_id, site_id, role, name, key_hash, created_at, expires_at, revoked_at, last_used_at"
+ADDED_KEY_COLUMNS = ("expires_at", "revoked_at", "last_used_at")  # absent from keyspaces made before them
 PING_KEY_ID = "readiness-probe"  # never a real key id (those are random hex)
 
 
@@ -24,15 +25,24 @@ class CassandraServiceRecords(ServiceRecords):
         session, keyspace = store.session, store.settings.keyspace
         with store.driver_errors("create the api_keys and predictions tables"):
             session.execute(f"""CREATE TABLE IF NOT EXISTS {keyspace}.api_keys (
-                key_id text PRIMARY KEY, site_id text, role text, name text, key_hash text, created_at timestamp)""")
+                key_id text PRIMARY KEY, site_id text, role text, name text, key_hash text, created_at timestamp,
+                expires_at timestamp, revoked_at timestamp, last_used_at timestamp)""")
+            present = {row.column_name for row in session.execute(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'api_keys'",
+                (keyspace,))}
+            for column in ADDED_KEY_COLUMNS:
+                if column not in present:
+                    session.execute(f"ALTER TABLE {keyspace}.api_keys ADD {column} timestamp")
             session.execute(f"""CREATE TABLE IF NOT EXISTS {keyspace}.predictions (
                 site_id text, image_id uuid, created_at timestamp, prediction_id uuid, document text,
                 PRIMARY KEY ((site_id, image_id), created_at, prediction_id))""")
             self._insert_key = session.prepare(
-                f"INSERT INTO {keyspace}.api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)")
+                f"INSERT INTO {keyspace}.api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             self._select_key = session.prepare(f"SELECT {KEY_COLUMNS} FROM {keyspace}.api_keys WHERE key_id = ?")
             self._all_keys = session.prepare(f"SELECT {KEY_COLUMNS} FROM {keyspace}.api_keys")
-            self._delete_key = session.prepare(f"DELETE FROM {keyspace}.api_keys WHERE key_id = ?")
+            # Plain updates (no lightweight transaction): revoke_key reads the key first.
+            self._revoke_key = session.prepare(f"UPDATE {keyspace}.api_keys SET revoked_at = ? WHERE key_id = ?")
+            self._touch_key = session.prepare(f"UPDATE {keyspace}.api_keys SET last_used_at = ? WHERE key_id = ?")
             self._insert_prediction = session.prepare(
                 f"INSERT INTO {keyspace}.predictions (site_id, image_id, created_at, prediction_id, document) "
                 f"VALUES (?, ?, ?, ?, ?)")
@@ -47,7 +57,8 @@ class CassandraServiceRecords(ServiceRecords):
 
     def add_key(self, record: ApiKeyRecord) -> None:
         self._run("store an API key", self._insert_key, (record.key_id, record.site_id, record.role, record.name,
-                                                        record.key_hash, record.created_at))
+                                                        record.key_hash, record.created_at, record.expires_at,
+                                                        record.revoked_at, record.last_used_at))
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
         row = self._run("read an API key", self._select_key, (key_id,)).one()
@@ -58,8 +69,13 @@ class CassandraServiceRecords(ServiceRecords):
         chosen = [record for record in records if site_id is None or record.site_id == site_id]
         return sorted(chosen, key=lambda record: (record.created_at, record.key_id))
 
-    def delete_key(self, key_id: str) -> None:
-        self._run("delete an API key", self._delete_key, (key_id,))
+    def revoke_key(self, key_id: str, when) -> None:
+        existing = self.get_key(key_id)
+        if existing is not None and existing.revoked_at is None:
+            self._run("revoke an API key", self._revoke_key, (when, key_id))
+
+    def touch_key(self, key_id: str, when) -> None:
+        self._run("record an API key's use", self._touch_key, (when, key_id))
 
     def add_prediction(self, record: PredictionRecord) -> None:
         self._run("store a prediction", self._insert_prediction, (
@@ -82,5 +98,9 @@ class CassandraServiceRecords(ServiceRecords):
 
 
 def _key_from_row(row) -> ApiKeyRecord:
-    return ApiKeyRecord(row.key_id, row.site_id, row.role, row.name, row.key_hash,
-                        row.created_at.replace(tzinfo=timezone.utc))
+    return ApiKeyRecord(row.key_id, row.site_id, row.role, row.name, row.key_hash, _utc(row.created_at),
+                        _utc(row.expires_at), _utc(row.revoked_at), _utc(row.last_used_at))
+
+
+def _utc(moment):
+    return None if moment is None else moment.replace(tzinfo=timezone.utc)

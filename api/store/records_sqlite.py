@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     PRIMARY KEY (site_id, image_id, prediction_id)
 );
 """
-KEY_COLUMNS = "key_id, site_id, role, name, key_hash, created_at"
+KEY_COLUMNS = "key_id, site_id, role, name, key_hash, created_at, expires_at, revoked_at, last_used_at"
+ADDED_KEY_COLUMNS = ("expires_at", "revoked_at", "last_used_at")  # absent from stores made before them
 
 
 class SQLiteServiceRecords(ServiceRecords):
@@ -36,12 +37,17 @@ class SQLiteServiceRecords(ServiceRecords):
         with store.write_transaction() as connection:
             for statement in filter(str.strip, SCHEMA.split(";")):
                 connection.execute(statement)
+            present = {row[1] for row in connection.execute("PRAGMA table_info(api_keys)")}
+            for column in ADDED_KEY_COLUMNS:
+                if column not in present:
+                    connection.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
 
     def add_key(self, record: ApiKeyRecord) -> None:
         with self._store.write_transaction() as connection:
-            connection.execute(f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            connection.execute(f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (record.key_id, record.site_id, record.role, record.name, record.key_hash,
-                                record.created_at.isoformat()))
+                                record.created_at.isoformat(), _text(record.expires_at), _text(record.revoked_at),
+                                _text(record.last_used_at)))
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
         rows = self._store.read_rows(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
@@ -55,9 +61,14 @@ class SQLiteServiceRecords(ServiceRecords):
                                          f"ORDER BY created_at, key_id", (site_id,))
         return [_key_from_row(row) for row in rows]
 
-    def delete_key(self, key_id: str) -> None:
+    def revoke_key(self, key_id: str, when: datetime) -> None:
         with self._store.write_transaction() as connection:
-            connection.execute("DELETE FROM api_keys WHERE key_id = ?", (key_id,))
+            connection.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                               (when.isoformat(), key_id))
+
+    def touch_key(self, key_id: str, when: datetime) -> None:
+        with self._store.write_transaction() as connection:
+            connection.execute("UPDATE api_keys SET last_used_at = ? WHERE key_id = ?", (when.isoformat(), key_id))
 
     def add_prediction(self, record: PredictionRecord) -> None:
         with self._store.write_transaction() as connection:
@@ -82,5 +93,14 @@ class SQLiteServiceRecords(ServiceRecords):
 
 
 def _key_from_row(row: tuple) -> ApiKeyRecord:
-    key_id, site_id, role, name, key_hash, created_at = row
-    return ApiKeyRecord(key_id, site_id, role, name, key_hash, datetime.fromisoformat(created_at))
+    key_id, site_id, role, name, key_hash, created_at, expires_at, revoked_at, last_used_at = row
+    return ApiKeyRecord(key_id, site_id, role, name, key_hash, datetime.fromisoformat(created_at),
+                        _moment(expires_at), _moment(revoked_at), _moment(last_used_at))
+
+
+def _text(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _moment(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)

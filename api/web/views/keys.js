@@ -91,17 +91,25 @@ function keyTable(keys, revoke) {
   if (keys.length === 0) return h("p", { class: "muted" }, "No API keys.");
   return h("table", { class: "keys" },
     h("caption", {}, "Existing keys"),
-    h("thead", {}, h("tr", {}, ["Key ID", "Name", "Site", "Role", "Created", ""]
+    h("thead", {}, h("tr", {}, ["Key ID", "Name", "Site", "Role", "Created", "Last used", "State", ""]
       .map((label) => h("th", { scope: "col" }, label)))),
     h("tbody", {}, keys.map((key) => {
-      const button = h("button", { type: "button", class: "danger small", "aria-label": `Revoke key ${key.name}` }, "Revoke");
-      button.addEventListener("click", () => revoke(key, button));
-      return h("tr", {},
+      // Revoked keys stay listed (the audit log names them); only live ones can be revoked.
+      let action = "";
+      if (!key.revoked_at) {
+        action = h("button", { type: "button", class: "danger small", "aria-label": `Revoke key ${key.name}` }, "Revoke");
+        action.addEventListener("click", () => revoke(key, action));
+      }
+      const state = key.revoked_at ? h("span", {}, "revoked ", timestamp(key.revoked_at))
+        : key.expires_at ? h("span", {}, "expires ", timestamp(key.expires_at)) : "active";
+      return h("tr", { class: key.revoked_at ? "revoked" : "" },
         h("td", {}, h("code", {}, key.key_id)),
         h("td", {}, key.name),
         h("td", {}, key.site_id),
         h("td", {}, key.role),
         h("td", {}, timestamp(key.created_at)),
-        h("td", {}, button));
+        h("td", {}, key.last_used_at ? timestamp(key.last_used_at) : "never"),
+        h("td", {}, state),
+        h("td", {}, action));
     })));
 }
