@@ -8,9 +8,7 @@ data (the store, the de-identifier and the image reader name fields and files, n
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.audit import canonical_resource
 from api.auth import ApiKeyError, ApiKeyNotFoundError
 from api.crypto import CryptoError
 from api.inference import VariantNotFoundError
@@ -122,24 +121,15 @@ def _account(request: Request, status_code: int, started: float) -> None:
         principal = getattr(request.state, "principal", None)
         parameters = request.scope.get("path_params", {})
         resource = getattr(request.state, "audit_resource", None) or canonical_resource(parameters)
-        services.audit.record(action=f"{method} {template}", status=status_code,
-                              key_id=getattr(principal, "key_id", None), site_id=getattr(principal, "site_id", None),
-                              role=getattr(principal, "role", None), resource_id=resource)
-
-
-def canonical_resource(parameters: dict[str, str]) -> str | None:
-    """The path's resource id as the store names it, never as typed: an image id in canonical UUID
-    form, a key id of 16 hex digits; anything else is logged as "invalid" (a URL is not a place
-    to write text into the audit trail)."""
-    if "image_id" in parameters:
         try:
-            return str(uuid.UUID(parameters["image_id"]))
-        except ValueError:
-            return "invalid"
-    if "key_id" in parameters:
-        key_id = parameters["key_id"]
-        return key_id.lower() if re.fullmatch(r"[0-9a-fA-F]{16}", key_id) else "invalid"
-    return None
+            services.audit.record(action=f"{method} {template}", status=status_code,
+                                  key_id=getattr(principal, "key_id", None), site_id=getattr(principal, "site_id", None),
+                                  role=getattr(principal, "role", None), resource_id=resource)
+        except OSError as error:
+            # The change itself was audited ("started") before it ran; its outcome line is lost.
+            logger.error("audit outcome line of %s %s could not be written: %s", method, template, error)
+
+
 
 
 def _route_template(request: Request) -> str:

@@ -1,7 +1,9 @@
 """The audit log: who did what to which resource, when, and how it ended; never patient data.
 
 One JSON line per request that reaches a route: time, key id, site, role, action (the route),
-resource id (a random image, prediction or key id in canonical form, or none) and HTTP status.
+resource id (a random image, prediction or key id in canonical form, or none) and HTTP status;
+a request that changes something also gets a line with status "started" before it runs (and
+is refused, 503, when that line cannot be written: `api.auth.require`).
 Image ids are random UUIDs made by the store; nothing read from an image or an upload is ever
 written here.
 
@@ -18,7 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +51,7 @@ class AuditLog:
             os.chmod(path, 0o600)
             self._previous = _last_hash(path)
 
-    def record(self, *, action: str, status: int, key_id: str | None, site_id: str | None,
+    def record(self, *, action: str, status: int | str, key_id: str | None, site_id: str | None,
                role: str | None, resource_id: str | None = None) -> None:
         entry = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "key_id": key_id,
                  "site_id": site_id, "role": role, "action": action, "resource_id": resource_id, "status": status}
@@ -92,3 +96,18 @@ def verify_chain(path: Path) -> ChainCheck:
                                                 "edited, removed or inserted here")
             previous = line_hash(line)
     return ChainCheck(count, None, None)
+
+
+def canonical_resource(parameters: dict[str, str]) -> str | None:
+    """The path's resource id as the store names it, never as typed: an image id in canonical UUID
+    form, a key id of 16 hex digits; anything else is logged as "invalid" (a URL is not a place
+    to write text into the audit trail)."""
+    if "image_id" in parameters:
+        try:
+            return str(uuid.UUID(parameters["image_id"]))
+        except ValueError:
+            return "invalid"
+    if "key_id" in parameters:
+        key_id = parameters["key_id"]
+        return key_id.lower() if re.fullmatch(r"[0-9a-fA-F]{16}", key_id) else "invalid"
+    return None

@@ -155,13 +155,39 @@ async def current_principal(request: Request,
     return principal
 
 
-def require(role: Role):
-    """A dependency: the caller, who must hold ``role`` or a stronger one (else 403)."""
+CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-    async def dependency(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+
+def require(role: Role):
+    """A dependency: the caller, who must hold ``role`` or a stronger one (else 403).
+
+    Before a request that changes something runs, its intent is audited ("status": "started");
+    when that line cannot be written the request is refused (503) and nothing is done: no
+    change without its audit line. The outcome line follows when the answer is sent.
+    """
+
+    async def dependency(request: Request, principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
         if not principal.may(role):
             raise HTTPException(status.HTTP_403_FORBIDDEN,
                                 detail=f"this needs the '{role}' role or stronger; the key's role is '{principal.role}'")
+        if request.method in CHANGING_METHODS:
+            audit_intent(request, principal)
         return principal
 
     return dependency
+
+
+def audit_intent(request: Request, principal: Principal) -> None:
+    from api.audit import canonical_resource
+
+    route = request.scope.get("route")
+    template = getattr(route, "path", request.url.path)
+    try:
+        request.app.state.services.audit.record(
+            action=f"{request.method} {template if template.startswith('/v1') else '/v1' + template}",
+            status="started", key_id=principal.key_id, site_id=principal.site_id, role=principal.role,
+            resource_id=canonical_resource(request.path_params))
+    except OSError as error:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            detail="the audit log cannot be written, so nothing was done; retry later "
+                                   f"({type(error).__name__})", headers={"Retry-After": "30"}) from None

@@ -83,7 +83,12 @@ class RequestGuard:
         services = getattr(scope["app"].state, "services", None)
         if scheme.lower() != "bearer" or not key or services is None:
             return False
-        return await run_in_threadpool(services.keys.verify, key.strip()) is not None
+        principal = await run_in_threadpool(services.keys.verify, key.strip())
+        if principal is None:
+            return False
+        # Known from here on: a body refused later (413, 408, 422) is audited under its key.
+        scope.setdefault("state", {})["principal"] = principal
+        return True
 
     def _paced(self, receive: Receive, limit: int) -> Receive:
         seen, started, complete = 0, time.monotonic(), False

@@ -489,3 +489,31 @@ def test_a_prediction_racing_a_delete_leaves_no_orphan_and_answers_404(app, monk
 
     assert answer.status_code == 404
     assert services.records.list_predictions("site-a", image_id) == []
+
+
+def test_no_change_happens_without_its_audit_line(tmp_path, monkeypatch):
+    with running_app(settings_for(tmp_path)) as running:
+        created = upload(running, png_bytes(seed=7)).json()
+        audit = running.services.audit
+
+        def disk_full(**entry):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(audit, "record", disk_full)
+        refused = running.client.delete(f"/v1/images/{created['image_id']}", headers=running.auth())
+        monkeypatch.undo()
+        assert refused.status_code == 503 and "nothing was done" in refused.json()["detail"]
+        assert running.client.get(f"/v1/images/{created['image_id']}", headers=running.auth(role="reader")).status_code == 200
+
+        assert running.client.delete(f"/v1/images/{created['image_id']}", headers=running.auth()).status_code == 204
+        entries = [json.loads(line) for line in running.settings.audit_log_path.read_text().splitlines()]
+    deletes = [e for e in entries if e["action"] == "DELETE /v1/images/{image_id}"]
+    assert [e["status"] for e in deletes] == ["started", 204] and deletes[0]["resource_id"] == created["image_id"]
+
+
+def test_a_refused_body_is_audited_under_its_valid_key(app):
+    response = app.client.post("/v1/keys", content=b"{" + b" " * 100_000 + b"}", headers={
+        **app.auth(), "Content-Type": "application/json"})
+    assert response.status_code == 413
+    entry = json.loads(app.settings.audit_log_path.read_text().splitlines()[-1])
+    assert entry["status"] == 413 and entry["key_id"] == app.auth()["Authorization"].split("_")[1]
