@@ -12,6 +12,7 @@ uploads and predicts, an *admin* also deletes and manages its site's keys.
 from __future__ import annotations
 
 import hashlib
+import logging
 import hmac
 import math
 import re
@@ -25,12 +26,13 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from api.store.base import SITE_ID_PATTERN
+from api.store.base import SITE_ID_PATTERN, StoreError
 from api.store.records import ApiKeyRecord, ServiceRecords
 from common.errors import MammoflError
 
 Role = Literal["reader", "uploader", "admin"]
 ROLE_RANK: dict[str, int] = {"reader": 0, "uploader": 1, "admin": 2}
+logger = logging.getLogger(__name__)
 KEY_PREFIX = "mfk"
 MAX_KEY_DAYS = 3650
 TOUCH_INTERVAL = timedelta(minutes=1)
@@ -112,7 +114,10 @@ class ApiKeys:
             if last is not None and now - last < TOUCH_INTERVAL:
                 return
             self._touched[key_id] = now
-        self._records.touch_key(key_id, now)
+        try:
+            self._records.touch_key(key_id, now)
+        except StoreError as error:  # a lost last-used time must not refuse a valid key
+            logger.warning("last use of key %s not recorded: %s", key_id, type(error).__name__)
 
     def list(self, site_id: str | None = None) -> list[ApiKeyRecord]:
         return self._records.list_keys(site_id)

@@ -406,6 +406,21 @@ class ImageCipher:
             raise IntegrityError(f"the sealed metadata of image {self.image_id} failed authentication: "
                                  f"it was altered or belongs to another image") from None
 
+    def seal_prediction(self, prediction_id: UUID, document: Mapping[str, Any]) -> bytes:
+        """A prediction of this image, sealed with its data key: gone with the image's key (crypto-shredded)."""
+        plaintext = json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        return _seal(self._aead, plaintext, self._prediction_data(prediction_id))
+
+    def open_prediction(self, prediction_id: UUID, sealed: bytes) -> dict[str, Any]:
+        try:
+            return json.loads(_open(self._aead, sealed, self._prediction_data(prediction_id)))
+        except InvalidTag:
+            raise IntegrityError(f"prediction {prediction_id} of image {self.image_id} failed authentication: "
+                                 f"it was altered or belongs to another image") from None
+
+    def _prediction_data(self, prediction_id: UUID) -> bytes:
+        return _associated_data("prediction", self.image_id.bytes, self.site_id, prediction_id.bytes)
+
     def _chunk_data(self, index: int, count: int) -> bytes:
         return _associated_data("chunk", self.image_id.bytes, self.site_id, index, count)
 

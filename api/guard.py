@@ -29,6 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.store.base import StoreError
+
 API_PREFIX = "/v1"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -58,10 +60,19 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if scope["path"].startswith(API_PREFIX) and not await self._authenticated(scope, headers):
-            await _answer(send, 401, "missing or invalid API key: send 'Authorization: Bearer <api key>' (the body "
-                                     "was not read)", [(b"www-authenticate", b"Bearer")])
-            return
+        if scope["path"].startswith(API_PREFIX):
+            try:
+                authenticated = await self._authenticated(scope, headers)
+            except StoreError as error:
+                # Outside FastAPI's handlers: answered here as the app answers an unreachable store.
+                await _answer(send, 503, f"the image store is unavailable, nothing was changed; retry later "
+                                         f"({type(error).__name__})",
+                              [(b"retry-after", str(self.retry_after_s).encode())])
+                return
+            if not authenticated:
+                await _answer(send, 401, "missing or invalid API key: send 'Authorization: Bearer <api key>' (the "
+                                         "body was not read)", [(b"www-authenticate", b"Bearer")])
+                return
         json_body = headers.get(b"content-type", b"").split(b";")[0].strip().lower() == b"application/json"
         limit = self.max_json_bytes if json_body else self.max_bytes
         declared = headers.get(b"content-length")

@@ -517,3 +517,17 @@ def test_a_refused_body_is_audited_under_its_valid_key(app):
     assert response.status_code == 413
     entry = json.loads(app.settings.audit_log_path.read_text().splitlines()[-1])
     assert entry["status"] == 413 and entry["key_id"] == app.auth()["Authorization"].split("_")[1]
+
+
+def test_predictions_are_stored_sealed_with_their_images_key(tmp_path):
+    import sqlite3
+
+    with running_app(settings_for(tmp_path)) as running:
+        created = upload(running, png_bytes(seed=8), path="/v1/predict").json()
+        listed = running.client.get(f"/v1/images/{created['image']['image_id']}/predictions",
+                                    headers=running.auth(role="reader")).json()["predictions"]
+        assert len(listed) == 1 and listed[0]["probabilities"] == created["prediction"]["probabilities"]
+        with sqlite3.connect(running.settings.sqlite_path) as connection:
+            (stored,) = connection.execute("SELECT document FROM predictions").fetchone()
+        assert stored.startswith("sealed:v1:") and "probabilities" not in stored
+        assert str(created["prediction"]["probabilities"]["normal"])[:6] not in stored

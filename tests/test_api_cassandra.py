@@ -65,4 +65,6 @@ def test_predict_in_one_call_and_the_keyspace_holds_only_hashes_and_ciphertext(a
         cluster.shutdown()
     assert len(hashes) >= 6 and all(len(value) == 64 for value in hashes)
     assert not any(key.split("_")[-1] in hashes for key in app.keys.values())
-    assert any(response.json()["prediction"]["prediction_id"] in row.document for row in predictions)
+    # Predictions are health data: sealed with their image's data key, like the image.
+    assert predictions and all(row.document.startswith("sealed:v1:") for row in predictions)
+    assert not any(response.json()["prediction"]["prediction_id"] in row.document for row in predictions)

@@ -189,6 +189,15 @@ class ImageStore(ABC):
         record = self._require(site_id, image_id)
         return _open_metadata(self._cipher(record), record)
 
+    def seal_prediction(self, site_id: str, image_id: uuid.UUID, prediction_id: uuid.UUID,
+                        document: Mapping[str, Any]) -> bytes:
+        """A prediction of the image sealed with the image's data key (ImageNotFoundError if it is gone)."""
+        return self._cipher(self._require(site_id, image_id)).seal_prediction(prediction_id, document)
+
+    def open_prediction(self, site_id: str, image_id: uuid.UUID, prediction_id: uuid.UUID,
+                        sealed: bytes) -> dict[str, Any]:
+        return self._cipher(self._require(site_id, image_id)).open_prediction(prediction_id, sealed)
+
     def exists(self, site_id: str, image_id: uuid.UUID) -> bool:
         """True when the image is committed at this site (its chunks are not checked)."""
         _check_site(site_id)

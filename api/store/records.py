@@ -1,13 +1,16 @@
 """What the service keeps beside the images: API keys (hashed) and past predictions.
 
 Both live in the image store's database (a table in the SQLite file, a table in the Cassandra
-keyspace), so one backend setting covers everything. Neither holds patient data: a key record
-is a site, a role, a name and a hash; a prediction is probabilities and model provenance.
+keyspace), so one backend setting covers everything. A key record is a site, a role, a name and
+a hash; a prediction (probabilities and model provenance: health data about a patient) is
+stored sealed with its image's data key (`sealed_document`).
 Predictions are site-scoped like the images: every call names the site.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -41,6 +44,25 @@ class PredictionRecord:
     prediction_id: uuid.UUID
     created_at: datetime
     document: dict[str, Any]
+
+
+SEALED_PREFIX = "sealed:v1:"
+
+
+def sealed_document(store: ImageStore, record: PredictionRecord) -> str:
+    """The prediction as it is stored: sealed with its image's data key (predictions are health data),
+    so that it is unreadable without the keyring and gone for good with the image's key."""
+    sealed = store.seal_prediction(record.site_id, record.image_id, record.prediction_id, record.document)
+    return SEALED_PREFIX + base64.b64encode(sealed).decode("ascii")
+
+
+def opened_document(store: ImageStore, site_id: str, image_id: uuid.UUID, prediction_id: uuid.UUID,
+                    stored: str) -> dict[str, Any]:
+    """The prediction's JSON from its stored form (plain JSON in stores written before sealing)."""
+    if not stored.startswith(SEALED_PREFIX):
+        return json.loads(stored)
+    sealed = base64.b64decode(stored.removeprefix(SEALED_PREFIX))
+    return store.open_prediction(site_id, image_id, prediction_id, sealed)
 
 
 class ServiceRecords(ABC):

@@ -7,12 +7,11 @@ and deleting it is one partition delete. Listing keys scans ``api_keys``: there 
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import timezone
 
 from api.store.cassandra import CassandraImageStore
-from api.store.records import ApiKeyRecord, PredictionRecord, ServiceRecords
+from api.store.records import ApiKeyRecord, PredictionRecord, ServiceRecords, opened_document, sealed_document
 
 KEY_COLUMNS = "key_id, site_id, role, name, key_hash, created_at, expires_at, revoked_at, last_used_at"
 ADDED_KEY_COLUMNS = ("expires_at", "revoked_at", "last_used_at")  # absent from keyspaces made before them
@@ -79,12 +78,14 @@ class CassandraServiceRecords(ServiceRecords):
 
     def add_prediction(self, record: PredictionRecord) -> None:
         self._run("store a prediction", self._insert_prediction, (
-            record.site_id, record.image_id, record.created_at, record.prediction_id, json.dumps(record.document)))
+            record.site_id, record.image_id, record.created_at, record.prediction_id,
+            sealed_document(self._store, record)))
 
     def list_predictions(self, site_id: str, image_id: uuid.UUID) -> list[PredictionRecord]:
         rows = self._run("list predictions", self._select_predictions, (site_id, image_id))
         return [PredictionRecord(site_id, image_id, row.prediction_id, row.created_at.replace(tzinfo=timezone.utc),
-                                 json.loads(row.document)) for row in rows]
+                                 opened_document(self._store, site_id, image_id, row.prediction_id, row.document))
+                for row in rows]
 
     def delete_predictions(self, site_id: str, image_id: uuid.UUID) -> None:
         self._run("delete predictions", self._delete_predictions, (site_id, image_id))

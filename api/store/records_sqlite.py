@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import datetime
 
-from api.store.records import ApiKeyRecord, PredictionRecord, ServiceRecords
+from api.store.records import ApiKeyRecord, PredictionRecord, ServiceRecords, opened_document, sealed_document
 from api.store.sqlite import SQLiteImageStore
 
 SCHEMA = """
@@ -75,14 +74,15 @@ class SQLiteServiceRecords(ServiceRecords):
             connection.execute(
                 "INSERT INTO predictions (site_id, image_id, prediction_id, created_at, document) VALUES (?, ?, ?, ?, ?)",
                 (record.site_id, record.image_id.bytes, record.prediction_id.bytes, record.created_at.isoformat(),
-                 json.dumps(record.document)))
+                 sealed_document(self._store, record)))
 
     def list_predictions(self, site_id: str, image_id: uuid.UUID) -> list[PredictionRecord]:
         rows = self._store.read_rows(
             "SELECT prediction_id, created_at, document FROM predictions WHERE site_id = ? AND image_id = ? "
             "ORDER BY created_at, prediction_id", (site_id, image_id.bytes))
         return [PredictionRecord(site_id, image_id, uuid.UUID(bytes=prediction_id), datetime.fromisoformat(created_at),
-                                 json.loads(document)) for prediction_id, created_at, document in rows]
+                                 opened_document(self._store, site_id, image_id, uuid.UUID(bytes=prediction_id), document))
+                for prediction_id, created_at, document in rows]
 
     def delete_predictions(self, site_id: str, image_id: uuid.UUID) -> None:
         with self._store.write_transaction() as connection:
