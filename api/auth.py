@@ -148,7 +148,9 @@ async def current_principal(request: Request,
     """The caller, from the bearer API key; 401 when it is missing or not a valid key."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise unauthorised("missing API key: send 'Authorization: Bearer <api key>'")
-    principal = await run_in_threadpool(request.app.state.services.keys.verify, credentials.credentials)
+    # A request with a body was verified by the request guard (`api.guard`) before its body was read.
+    principal = getattr(request.state, "principal", None) or await run_in_threadpool(
+        request.app.state.services.keys.verify, credentials.credentials)
     if principal is None:
         raise unauthorised("invalid API key: unknown, revoked or malformed")
     request.state.principal = principal
