@@ -155,3 +155,23 @@ def test_the_audit_command_refuses_bad_requests_before_any_training(tmp_path, ca
     assert main(["privacy", "audit", str(config), "--out", str(tmp_path / "o"), "--canary-site", "nowhere"]) == 2
     assert "valid: site-01, site-02" in capsys.readouterr().err
     assert not (tmp_path / "o" / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_patient_level_run_is_audited_with_canary_patients(tmp_path):
+    config = federated_config(
+        tmp_path, encoder="scattering", optimizer="sgd", learning_rate=0.1, batch_size=16,
+        data={"synthetic": {"sites": 2, "per_site": 80, "size": 96, "seed": 11, "burned_in_text": 0.0}},
+        model={"image_size": 64, "dropout": 0.0},
+        federation={"rounds": 2, "local_epochs": 2, "min_train_sites": 1, "fraction_evaluate": 0.0},
+        privacy={"enabled": True, "target_epsilon": 8.0, "max_grad_norm": 1.0, "unit": "patient"})
+
+    report = run_audit(config, tmp_path / "audit", canaries=40, inclusion_seed=2, log=lambda message: None).report
+
+    assert report["unit"] == "patient" and report["images_per_canary"] == 3
+    assert report["passed"] is True and report["epsilon_lower_bound"] <= report["epsilon"] <= 8.0
+    trained = json.loads((tmp_path / "audit" / "canaries" / "site.json").read_text())["records"]
+    patients = {record["patient_id"] for record in trained}
+    assert len(trained) == 3 * len(patients) == 3 * report["canaries_included"]  # whole patients, in or out
+    ledger = next((tmp_path / "audit" / "run").glob("*/privacy/ledger.jsonl")).read_text()
+    assert '"unit": "patient"' in ledger
