@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.audit import canonical_resource
+from api.audit import canonical_resource, route_template
 from api.auth import ApiKeyError, ApiKeyNotFoundError
 from api.crypto import CryptoError
 from api.inference import VariantNotFoundError
@@ -110,7 +110,7 @@ async def _strict_transport(request: Request, call_next) -> Response:
 
 
 def _account(request: Request, status_code: int, started: float) -> None:
-    template = _route_template(request)
+    template = route_template(request)
     services = getattr(request.app.state, "services", None)
     if services is None:
         return
@@ -130,18 +130,6 @@ def _account(request: Request, status_code: int, started: float) -> None:
             logger.error("audit outcome line of %s %s could not be written: %s", method, template, error)
 
 
-
-
-def _route_template(request: Request) -> str:
-    """The matched route's path template ("/v1/images/{image_id}"), so that metrics do not grow per id."""
-    route = request.scope.get("route")
-    template = getattr(route, "path", None)
-    if template is None:
-        return "unmatched"
-    # FastAPI hands over the included router's own route, whose path lacks the router's prefix.
-    if request.url.path.startswith(API_PREFIX) and not template.startswith(API_PREFIX):
-        return API_PREFIX + template
-    return template
 
 
 def _add_error_answers(app: FastAPI, settings: ApiSettings) -> None:

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 logger = logging.getLogger("mammofl.audit")
+API_PREFIX = "/v1"
 
 
 GENESIS = "0" * 64
@@ -111,3 +112,16 @@ def canonical_resource(parameters: dict[str, str]) -> str | None:
         key_id = parameters["key_id"]
         return key_id.lower() if re.fullmatch(r"[0-9a-fA-F]{16}", key_id) else "invalid"
     return None
+
+
+def route_template(request) -> str:
+    """The matched route's path template ("/v1/images/{image_id}"), so that metrics and audit lines
+    do not grow per id; "unmatched" before routing or for no route."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None)
+    if template is None:
+        return "unmatched"
+    # FastAPI hands over the included router's own route, whose path lacks the router's prefix.
+    if request.url.path.startswith(API_PREFIX) and not template.startswith(API_PREFIX):
+        return API_PREFIX + template
+    return template

@@ -26,6 +26,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from api.audit import canonical_resource, route_template
 from api.store.base import SITE_ID_PATTERN, StoreError
 from api.store.records import ApiKeyRecord, ServiceRecords
 from common.errors import MammoflError
@@ -185,13 +186,9 @@ def require(role: Role):
 
 
 def audit_intent(request: Request, principal: Principal) -> None:
-    from api.audit import canonical_resource
-
-    route = request.scope.get("route")
-    template = getattr(route, "path", request.url.path)
     try:
         request.app.state.services.audit.record(
-            action=f"{request.method} {template if template.startswith('/v1') else '/v1' + template}",
+            action=f"{request.method} {route_template(request)}",
             status="started", key_id=principal.key_id, site_id=principal.site_id, role=principal.role,
             resource_id=canonical_resource(request.path_params))
     except OSError as error:

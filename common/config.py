@@ -10,6 +10,7 @@ so that a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -645,3 +646,15 @@ def _allowed_keys(location: tuple) -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
     return sorted(model.model_fields)
+
+
+# What a training run's outcome does not depend on: these may differ between an audited and a served run.
+_NOT_TRAINING = ("name", "tracking", "compression", "verbose", "device", "num_workers", "callbacks", "model_save_dir")
+
+
+def training_digest(config: ExperimentConfig) -> str:
+    """sha256 of what decides a training run's outcome (not its name, paths of outputs or compression)."""
+    settings = json.loads(config.model_dump_json())
+    for key in _NOT_TRAINING:
+        settings.pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

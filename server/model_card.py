@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.config import ExperimentConfig, load_config
+from common.config import ExperimentConfig, load_config, training_digest
 from common.errors import ModelError
 from common.metrics import unusable_because
 from common.runs import json_safe
@@ -91,8 +91,6 @@ def _privacy_section(run_dir: Path, config: ExperimentConfig) -> tuple[dict[str,
 
 
 def _audit_section(audit_dir: Path | None, config: ExperimentConfig) -> tuple[dict[str, Any] | None, list[str], list[str]]:
-    from simulations.audit import training_digest
-
     if audit_dir is None or not (audit_dir / AUDIT_FILE).is_file():
         return None, [], ["no empirical privacy audit was run for this model (mammofl privacy audit)"]
     audit = json.loads((audit_dir / AUDIT_FILE).read_text())
@@ -145,8 +143,6 @@ def build_card(run_dir: Path, variant: str, *, audit_dir: Path | None = None,
     failure = unusable_because(variant_metrics) or unusable_because(test)
     if failure:
         warnings.append(f"the model {failure}")
-    from simulations.audit import training_digest
-
     return json_safe({
         "format_version": CARD_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

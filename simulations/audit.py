@@ -30,7 +30,6 @@ held-out test images) gives AUC and TPR at 1% FPR for the released model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import secrets
@@ -46,7 +45,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from common.config import ExperimentConfig
+from common.config import ExperimentConfig, training_digest
 from common.data.dataset import MammogramDataset
 from common.data.features import evaluation_input
 from common.data.partition import split_train_val
@@ -66,8 +65,6 @@ MIA_LIMIT = 1000  # members and non-members scored at most, each
 CONFIDENCE = 0.95
 # Under training the regression is solved with this ridge on normalised gradients.
 _RIDGE = 1e-3
-# What a training run's outcome does not depend on: these may differ between an audited and a served run.
-_NOT_TRAINING = ("name", "tracking", "compression", "verbose", "device", "num_workers", "callbacks", "model_save_dir")
 
 
 @dataclass(frozen=True)
@@ -83,14 +80,6 @@ class Canary:
         return [ImageRecord(image_path=path, label=self.label, split="train", patient_id=self.canary_id,
                             laterality="L", view=("CC", "MLO")[index % 2], site_id=site_id)
                 for index, path in enumerate(self.images)]
-
-
-def training_digest(config: ExperimentConfig) -> str:
-    """sha256 of what decides a training run's outcome (not its name, paths of outputs or compression)."""
-    settings = json.loads(config.model_dump_json())
-    for key in _NOT_TRAINING:
-        settings.pop(key, None)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def inclusion_bits(count: int, seed: int | None) -> list[bool]:
