@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +29,7 @@ from api.settings import ApiSettings
 from api.store.base import ImageNotFoundError, InvalidRequestError, StoreError
 from api.guard import AddressRateLimit, RequestGuard
 from api.uploads import UploadRejected
+from common.errors import DataError, MammoflError
 
 logger = logging.getLogger(__name__)
 API_PREFIX = "/v1"
@@ -132,49 +134,67 @@ def _account(request: Request, status_code: int, started: float) -> None:
 
 
 
-def _add_error_answers(app: FastAPI, settings: ApiSettings) -> None:
-    def answer(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """How a domain error is answered: its status (None: the error's own ``status_code``), whether
+    the client is told when to retry, and what is logged (the error's type only, never its text)."""
 
+    status: int | None
+    retry: bool = False
+    log_level: int | None = None
+    detail: Callable[[Exception], str] = str
+
+
+def _store_detail(error: Exception) -> str:
+    return f"the image store is unavailable, nothing was changed by a failed write; retry later ({type(error).__name__})"
+
+
+def _crypto_detail(error: Exception) -> str:
+    return f"a stored image failed its integrity check or its key is missing ({type(error).__name__})"
+
+
+def _internal_detail(error: Exception) -> str:
+    return f"the service failed ({type(error).__name__}); nothing was changed"
+
+
+# Every error the domain raises, and its answer. A handler is looked up along the error's class
+# hierarchy, so the most specific entry wins (ImageNotFoundError is a StoreError, 404 not 503).
+DOMAIN_ERRORS: dict[type[Exception], ErrorAnswer] = {
+    UploadRejected: ErrorAnswer(None),
+    ImageNotFoundError: ErrorAnswer(status.HTTP_404_NOT_FOUND),
+    InvalidRequestError: ErrorAnswer(status.HTTP_400_BAD_REQUEST),
+    StoreError: ErrorAnswer(status.HTTP_503_SERVICE_UNAVAILABLE, retry=True, log_level=logging.WARNING,
+                            detail=_store_detail),
+    ApiKeyNotFoundError: ErrorAnswer(status.HTTP_404_NOT_FOUND),
+    ApiKeyError: ErrorAnswer(status.HTTP_422_UNPROCESSABLE_CONTENT),
+    VariantNotFoundError: ErrorAnswer(status.HTTP_422_UNPROCESSABLE_CONTENT),
+    DataError: ErrorAnswer(status.HTTP_422_UNPROCESSABLE_CONTENT),
+    CryptoError: ErrorAnswer(status.HTTP_500_INTERNAL_SERVER_ERROR, log_level=logging.ERROR, detail=_crypto_detail),
+    MammoflError: ErrorAnswer(status.HTTP_500_INTERNAL_SERVER_ERROR, log_level=logging.ERROR,
+                              detail=_internal_detail),
+}
+
+
+def _add_error_answers(app: FastAPI, settings: ApiSettings) -> None:
     retry = {"Retry-After": str(settings.retry_after_s)}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return answer(status.HTTP_422_UNPROCESSABLE_CONTENT, validation_message(error))
+        return JSONResponse({"detail": validation_message(error)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
-    @app.exception_handler(UploadRejected)
-    async def rejected(_: Request, error: UploadRejected) -> JSONResponse:
-        return answer(error.status_code, str(error))
+    def handler(answer: ErrorAnswer):
+        async def answer_error(request: Request, error: Exception) -> JSONResponse:
+            if answer.log_level is not None:
+                logger.log(answer.log_level, "%s %s answered with %s", request.method, route_template(request),
+                           type(error).__name__)
+            code = answer.status if answer.status is not None else error.status_code  # type: ignore[attr-defined]
+            return JSONResponse({"detail": answer.detail(error)}, status_code=code,
+                                headers=retry if answer.retry else None)
 
-    @app.exception_handler(ImageNotFoundError)
-    async def not_found(_: Request, error: ImageNotFoundError) -> JSONResponse:
-        return answer(status.HTTP_404_NOT_FOUND, str(error))
+        return answer_error
 
-    @app.exception_handler(ApiKeyError)
-    async def bad_key_request(_: Request, error: ApiKeyError) -> JSONResponse:
-        code = status.HTTP_404_NOT_FOUND if isinstance(error, ApiKeyNotFoundError) else 422
-        return answer(code, str(error))
-
-    @app.exception_handler(VariantNotFoundError)
-    async def unknown_variant(_: Request, error: VariantNotFoundError) -> JSONResponse:
-        return answer(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
-
-    @app.exception_handler(InvalidRequestError)
-    async def invalid_store_request(_: Request, error: InvalidRequestError) -> JSONResponse:
-        return answer(status.HTTP_400_BAD_REQUEST, str(error))
-
-    @app.exception_handler(StoreError)
-    async def store_failed(_: Request, error: StoreError) -> JSONResponse:
-        logger.warning("store error: %s", type(error).__name__)
-        return answer(status.HTTP_503_SERVICE_UNAVAILABLE, f"the image store is unavailable, nothing was changed "
-                                                           f"by a failed write; retry later ({type(error).__name__})",
-                      retry)
-
-    @app.exception_handler(CryptoError)
-    async def undecryptable(_: Request, error: CryptoError) -> JSONResponse:
-        logger.error("stored image failed decryption: %s", type(error).__name__)
-        return answer(status.HTTP_500_INTERNAL_SERVER_ERROR,
-                      f"a stored image failed its integrity check or its key is missing ({type(error).__name__})")
+    for error_type, answer in DOMAIN_ERRORS.items():
+        app.add_exception_handler(error_type, handler(answer))
 
 
 def validation_message(error: RequestValidationError) -> str:

@@ -202,17 +202,54 @@ def _document_from_keyring(keyring: Keyring) -> dict[str, Any]:
 
 
 def _write_keyring(path: Path, keyring: Keyring) -> None:
-    """Writes the keyring atomically (temporary file, then rename), readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes the keyring atomically (temporary file, then rename), readable by its owner only.
+
+    The file it replaces is then overwritten with zeros: a retired key's material must not stay
+    in freed disk blocks (on a copy-on-write file system or an SSD that is not guaranteed; such
+    disks need full-disk encryption for a key's destruction to be final).
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)  # created 0600
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
             json.dump(_document_from_keyring(keyring), stream, indent=2)
             stream.write("\n")
-        os.replace(temporary, path)
+            stream.flush()
+            os.fsync(stream.fileno())
+        replaced = _open_existing(path)
+        try:
+            os.replace(temporary, path)
+            _fsync_directory(path.parent)
+            if replaced is not None:
+                _overwrite_with_zeros(replaced)
+        finally:
+            if replaced is not None:
+                os.close(replaced)
     except BaseException:
-        os.unlink(temporary)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
         raise
+
+
+def _open_existing(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _overwrite_with_zeros(descriptor: int) -> None:
+    size = os.fstat(descriptor).st_size
+    os.pwrite(descriptor, bytes(size), 0)
+    os.fsync(descriptor)
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def create_key(keyring_path: Path) -> str:

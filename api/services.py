@@ -14,7 +14,9 @@ from api.inference import ModelRegistry, load_registry
 from api.metrics import Metrics
 from api.settings import ApiSettings
 from api.store.base import ImageStore
-from api.store.records import ServiceRecords, service_records_for
+from api.store.factory import OpenStore
+from api.store.factory import open_store as open_backend
+from api.store.records import ServiceRecords
 from api.uploads import Deidentifier
 
 
@@ -35,24 +37,10 @@ class Services:
         self.images.close()
 
 
-def open_store(settings: ApiSettings) -> tuple[ImageStore, ServiceRecords]:
+def open_store(settings: ApiSettings) -> OpenStore:
     """The image store of the configured backend and the records beside it."""
     # Followed: a `mammofl keys rotate` while the service runs takes effect at once.
-    keyring = load_keyring(settings.keyring_path, follow=True)
-    if settings.store_backend == "cassandra":
-        from api.store.cassandra import CassandraImageStore
-
-        store: ImageStore = CassandraImageStore(settings.cassandra(), keyring)
-    else:
-        from api.store.sqlite import SQLiteImageStore
-
-        settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-        store = SQLiteImageStore(settings.sqlite_path, keyring)
-    try:
-        return store, service_records_for(store)
-    except BaseException:
-        store.close()
-        raise
+    return open_backend(settings.store_location(), load_keyring(settings.keyring_path, follow=True))
 
 
 def open_services(settings: ApiSettings) -> Services:

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from anonymize.profile import DEFAULT_OPTION_NAMES
 from anonymize.secret import DEFAULT_SECRET_FILE
 from api.store.cassandra import CassandraSettings
+from api.store.factory import StoreLocation
 from common.errors import ConfigError
 
 ENV_PREFIX = "MAMMOFL_API_"
@@ -87,6 +88,9 @@ class ApiSettings(BaseSettings):
         if self.variants is not None and self.default_variant is not None and self.default_variant not in self.variants:
             raise ValueError(f"default_variant {self.default_variant!r} is not among variants {list(self.variants)}")
         return self
+
+    def store_location(self) -> StoreLocation:
+        return StoreLocation(self.store_backend, sqlite_path=self.sqlite_path, cassandra=self.cassandra())
 
     def cassandra(self) -> CassandraSettings:
         return CassandraSettings(contact_points=self.cassandra_contact_points, port=self.cassandra_port,

@@ -5,13 +5,16 @@ pydicom reports an invalid header value by quoting it ("Invalid value for VR UI:
 value can be anything a scanner or a person typed, patient names included. Importing this
 module (every package of ours that reads DICOM does) installs a filter on that logger which
 replaces every quoted value with a placeholder; the message still names the VR and the
-problem. It also catches the same text when pydicom issues it as a warning routed to logging.
+problem. It also catches the same text when pydicom issues it as a warning routed to logging;
+the warning itself, which Python prints to stderr with the value, is ignored (pydicom logs the same
+message, withheld, on its logger).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 WITHHELD = "'<value withheld>'"
 # A quoted value as pydicom writes it: single or double quotes, or a bytes literal.
@@ -35,6 +38,9 @@ _WATCHED = ("pydicom", "py.warnings")
 def install() -> None:
     """Idempotent. A logger's filter does not see its children's records, so the record factory
     withholds values for every record of ``pydicom`` (and its children) and of routed warnings."""
+    # pydicom's warn_and_log both logs (withheld above) and warns: the warning, printed to stderr by
+    # Python's default handler, would quote the value.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     previous = logging.getLogRecordFactory()
     if getattr(previous, "withholds_values", False):
         return

@@ -8,9 +8,12 @@ one clear message with exit status 2; nothing is printed that came from a patien
 from __future__ import annotations
 
 import argparse
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from mammofl import __version__
@@ -301,25 +304,40 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     keys that a service wrapped with an old key in the meantime are re-wrapped too, with the
     old keys this process still holds. Nothing is left wrapped by a destroyed key.
     """
-    from api.crypto import list_keys, load_keyring, retire_key, rotate_key
+    location = _store_location(args)
+    if location is None:
+        from api.crypto import rotate_key
 
-    old_ids = [info.key_id for info in list_keys(args.keyring)]
-    new_id = rotate_key(args.keyring)
-    print(f"new active key {new_id}")
-    store = _open_store(args, load_keyring(args.keyring))  # in memory: the new key and the old ones
-    if store is None:
+        print(f"new active key {rotate_key(args.keyring)}")
         print("no store named: existing images keep their old wrapping until `keys rotate` runs with --sqlite/--cassandra")
         return 0
+    with _rotated_store(args.keyring, location, retire_old=args.retire_old):
+        pass
+    return 0
+
+
+@contextmanager
+def _rotated_store(keyring_path: Path, location, *, retire_old: bool):
+    """Rotates to a new key-encryption key, re-wraps the store's data keys, retires the old keys when
+    asked, and yields the store (still open, holding the keyring as it was in memory)."""
+    from api.crypto import list_keys, load_keyring, retire_key, rotate_key
+    from api.store.factory import open_store
+
+    old_ids = [info.key_id for info in list_keys(keyring_path)]
+    open_store(location, load_keyring(keyring_path), create_schema=False).images.close()  # it exists: rotate
+    new_id = rotate_key(keyring_path)
+    print(f"new active key {new_id}")
+    store = open_store(location, load_keyring(keyring_path), create_schema=False).images  # new key and old ones
     with store:
-        print(f"re-wrapped {store.rewrap_keys()} data key(s) with {new_id}")
-        if args.retire_old:
+        print(f"re-wrapped {store.rewrap_keys()} data key(s) of the {location.describe()} with {new_id}")
+        if retire_old:
             for key_id in old_ids:
-                retire_key(args.keyring, key_id)
+                retire_key(keyring_path, key_id)
             _wait_for_old_keys_last_users()
             late = store.rewrap_keys()
             print(f"retired {len(old_ids)} old key(s)" + (f"; re-wrapped {late} data key(s) written with an old key "
                                                           "meanwhile" if late else ""))
-    return 0
+        yield store
 
 
 def _keys_retire(args: argparse.Namespace) -> int:
@@ -330,19 +348,76 @@ def _keys_retire(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(args: argparse.Namespace, keyring):
-    if args.sqlite is not None:
-        from api.store.sqlite import SQLiteImageStore
+def _store_location(args: argparse.Namespace):
+    """The store named by --sqlite or --cassandra (with --keyspace), or None."""
+    from api.store.factory import StoreLocation
+    from common.errors import ConfigError
 
-        return SQLiteImageStore(args.sqlite, keyring, create_schema=False)
+    if args.sqlite is not None:
+        return StoreLocation("sqlite", sqlite_path=args.sqlite)
     if args.cassandra is not None:
-        from api.store.cassandra import CassandraImageStore, CassandraSettings
+        from api.store.cassandra import CassandraSettings
 
         host, _, port = args.cassandra.partition(":")
-        settings = CassandraSettings(contact_points=(host,), port=int(port or 9042), keyspace=args.keyspace,
-                                     create_schema=False)
-        return CassandraImageStore(settings, keyring)
+        if not port.isdigit() and port:
+            raise ConfigError(f"--cassandra {args.cassandra!r}: the port must be a number, as in 127.0.0.1:9042")
+        return StoreLocation("cassandra", cassandra=CassandraSettings(contact_points=(host,), port=int(port or 9042),
+                                                                       keyspace=args.keyspace))
     return None
+
+
+PURGED_TABLES = ("images", "image_chunks", "predictions")
+
+
+def _store_purge(args: argparse.Namespace) -> int:
+    """Makes every deletion so far final, on disk, in every copy the backend keeps.
+
+    A deleted image's wrapped data key may live on where a DELETE cannot reach: in Cassandra's
+    SSTables until compaction, its commit log, hints, snapshots, backups, other replicas; in
+    a copy of the SQLite file. The purge destroys what every such copy needs: the key-encryption
+    key that wrapped it (rotate, re-wrap the live images, retire every old key; the keyring file's
+    old contents are overwritten). Then the backend drops the deleted rows themselves: SQLite
+    checkpoints its write-ahead log; on Cassandra each --nodetool flushes and garbage-collects
+    the store's tables on its node.
+    """
+    from common.errors import ConfigError
+
+    location = _store_location(args)
+    if location.backend == "sqlite" and args.nodetool:
+        raise ConfigError("--nodetool applies to a Cassandra store (--cassandra); the SQLite store needs none")
+    with _rotated_store(args.keyring, location, retire_old=True) as store:
+        if location.backend == "sqlite":
+            store.make_deletions_final()
+            print("checkpointed the write-ahead log: deleted rows are zeroed in the database file")
+    if location.backend == "cassandra":
+        if not args.nodetool:
+            print("deleted rows stay in SSTables until compaction (wrapped by destroyed keys: unreadable); pass "
+                  "--nodetool once per node to flush and garbage-collect them now")
+        for command in args.nodetool:
+            _nodetool(shlex.split(command), "flush", location.cassandra.keyspace, *PURGED_TABLES)
+            _nodetool(shlex.split(command), "garbagecollect", "--granularity", "CELL", location.cassandra.keyspace,
+                      *PURGED_TABLES)
+            print(f"flushed and garbage-collected {', '.join(PURGED_TABLES)} via `{command}`")
+    return 0
+
+
+def _nodetool(command: list[str], *arguments: str) -> None:
+    from common.errors import MammoflError
+
+    try:
+        result = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise MammoflError(f"nodetool command {shlex.join(command)} could not run: {error}") from None
+    if result.returncode != 0:
+        raise MammoflError(f"`{shlex.join([*command, *arguments])}` failed ({result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()[-800:]}")
+
+
+def _add_store_target(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    target = parser.add_mutually_exclusive_group(required=required)
+    target.add_argument("--sqlite", type=Path, help="embedded store database")
+    target.add_argument("--cassandra", metavar="HOST[:PORT]", help="Cassandra contact point of the store")
+    parser.add_argument("--keyspace", default="mammofl", help="Cassandra keyspace (default mammofl)")
 
 
 def _add_keys_commands(commands) -> None:
@@ -359,13 +434,22 @@ def _add_keys_commands(commands) -> None:
     add("create", _keys_create, "create a new keyring file with one active key-encryption key")
     add("list", _keys_list, "list the keyring's key ids (never their material)")
     rotate = add("rotate", _keys_rotate, "add a new active key and re-wrap the store's data keys with it")
-    target = rotate.add_mutually_exclusive_group()
-    target.add_argument("--sqlite", type=Path, help="embedded store database to re-wrap")
-    target.add_argument("--cassandra", metavar="HOST[:PORT]", help="Cassandra contact point of the store to re-wrap")
-    rotate.add_argument("--keyspace", default="mammofl", help="Cassandra keyspace (default mammofl)")
+    _add_store_target(rotate, required=False)
     rotate.add_argument("--retire-old", action="store_true", help="destroy the old keys after re-wrapping")
     retire = add("retire", _keys_retire, "destroy a non-active key (crypto-shreds what it still wraps)")
     retire.add_argument("key_id")
+
+    store = commands.add_parser("store", help="the REST service's image store: make deletions final")
+    store_commands = store.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
+    purge_help = ("make every deletion so far final on disk: new key-encryption key, live images re-wrapped, old "
+                  "keys destroyed (deleted images' keys become unrecoverable in every copy), deleted rows purged")
+    purge = store_commands.add_parser("purge", help=purge_help, description=purge_help)
+    _add_store_target(purge, required=True)
+    purge.add_argument("--keyring", type=Path, default=DEFAULT_KEYRING, help=f"keyring file (default {DEFAULT_KEYRING})")
+    purge.add_argument("--nodetool", action="append", default=[], metavar="COMMAND",
+                       help="Cassandra: a nodetool command line for one node (e.g. 'nodetool -h 10.0.0.5'); "
+                            "repeat per node; the store's tables are flushed and garbage-collected there")
+    purge.set_defaults(handler=_store_purge)
 
 
 def build_parser() -> argparse.ArgumentParser:

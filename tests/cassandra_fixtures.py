@@ -114,7 +114,7 @@ def cassandra_cluster() -> Iterator[Topology]:
     yield from _running(Topology(nodes=3, port=9142))
 
 
-def _drop_keyspace_afterwards(topology: Topology, keyspace: str) -> Iterator[str]:
+def drop_keyspace_afterwards(topology: Topology, keyspace: str) -> Iterator[str]:
     """Yields the keyspace name, then drops the keyspace (and so its files) if it was created."""
     yield keyspace
     cluster = topology.cluster()
@@ -127,10 +127,10 @@ def _drop_keyspace_afterwards(topology: Topology, keyspace: str) -> Iterator[str
 @pytest.fixture(scope="session")
 def cassandra_keyspace(cassandra_node: Topology) -> Iterator[str]:
     """A keyspace name of this session's own on the single node."""
-    yield from _drop_keyspace_afterwards(cassandra_node, f"mammofl_test_{uuid.uuid4().hex[:12]}")
+    yield from drop_keyspace_afterwards(cassandra_node, f"mammofl_test_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="session")
 def cluster_keyspace(cassandra_cluster: Topology) -> Iterator[str]:
     """A keyspace name of this session's own on the three-node cluster."""
-    yield from _drop_keyspace_afterwards(cassandra_cluster, f"mammofl_test_{uuid.uuid4().hex[:12]}")
+    yield from drop_keyspace_afterwards(cassandra_cluster, f"mammofl_test_{uuid.uuid4().hex[:12]}")

@@ -233,3 +233,23 @@ def test_pydicom_never_logs_a_header_value(caplog):
         logging.getLogger("pydicom.valuerep").warning('Invalid value for VR IS: "JOHN1970"')
     assert "SMITH" not in caplog.text and "JOHN1970" not in caplog.text
     assert "Invalid value for VR UI: '<value withheld>'" in caplog.text
+
+
+def test_reading_an_invalid_header_value_prints_no_value_on_stderr(tmp_path):
+    # Before: pydicom's warn_and_log also issued a UserWarning, which Python printed to stderr
+    # quoting the value (the REST service's console, a site's log file).
+    import subprocess
+    import sys
+
+    script = (
+        "import anonymize.deidentify, logging, pydicom\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "pydicom.config.settings.reading_validation_mode = pydicom.config.WARN\n"
+        "from pydicom.valuerep import validate_value\n"
+        "validate_value('UI', '1.2.SMITH^JOHN', pydicom.config.WARN)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+
+    assert result.returncode == 0, result.stderr
+    assert "SMITH" not in result.stderr and "<value withheld>" in result.stderr

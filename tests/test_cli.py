@@ -98,6 +98,47 @@ def test_keys_create_rotate_rewrap_and_retire_keep_images_readable(tmp_path, cap
     assert "already exists" in capsys.readouterr().err
 
 
+def test_store_purge_leaves_a_deleted_images_key_nowhere_and_its_key_encryption_key_destroyed(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    # A copy of the database taken before the delete (a backup, a replica) still holds the deleted
+    # image's wrapped key: after the purge no key in the keyring unwraps it.
+    import base64
+    import shutil
+
+    from api.crypto import Keyring, WrongKeyError, list_keys, load_keyring
+    from api.store.sqlite import SQLiteImageStore
+
+    monkeypatch.setattr("mammofl.cli._wait_for_old_keys_last_users", lambda: None)
+    keyring, database = tmp_path / "keyring.json", tmp_path / "store.db"
+    assert main(["keys", "create", "--keyring", str(keyring)]) == 0
+    (old_key,) = [info.key_id for info in list_keys(keyring)]
+    old_material = base64.b64encode(Keyring.from_file(keyring).material(old_key))
+    with SQLiteImageStore(database, load_keyring(keyring)) as store:
+        kept = store.put("site-a", b"kept" * 5000).image_id
+        gone = store.put("site-a", b"gone" * 5000).image_id
+        (wrapped,) = store.read_rows("SELECT wrapped_key FROM images WHERE image_id = ?", (gone.bytes,))[0]
+        store.make_deletions_final()
+        shutil.copy(database, tmp_path / "backup.db")
+        store.delete("site-a", gone)
+
+    assert main(["store", "purge", "--sqlite", str(database), "--keyring", str(keyring)]) == 0
+
+    assert old_key not in Keyring.from_file(keyring).key_ids and old_material not in keyring.read_bytes()
+    assert [path.name for path in tmp_path.glob("store.db*") if wrapped in path.read_bytes()] == []
+    with SQLiteImageStore(tmp_path / "backup.db", Keyring.from_file(keyring), create_schema=False) as backup:
+        with pytest.raises(WrongKeyError, match=old_key):
+            backup.get("site-a", gone)
+    with SQLiteImageStore(database, Keyring.from_file(keyring)) as store:
+        assert store.get("site-a", kept).data == b"kept" * 5000
+    assert "checkpointed the write-ahead log" in capsys.readouterr().out
+
+    assert main(["store", "purge", "--sqlite", str(database), "--keyring", str(keyring), "--nodetool", "nodetool"]) == 2
+    assert "--nodetool applies to a Cassandra store" in capsys.readouterr().err
+    before = keyring.read_bytes()
+    assert main(["store", "purge", "--sqlite", str(tmp_path / "absent.db"), "--keyring", str(keyring)]) == 2
+    assert keyring.read_bytes() == before  # nothing rotated for a store that is not there
+
+
 def test_a_rotation_while_the_service_runs_loses_no_image(tmp_path, capsys, monkeypatch):
     # Before: the running service kept its start-up keyring, so re-wrapped images answered
     # WrongKeyError and new uploads were wrapped with the key just destroyed.

@@ -86,6 +86,25 @@ def test_retire_removes_an_old_key_but_never_the_active_one(keyring_path):
         retire_key(keyring_path, first)
 
 
+def test_a_retired_keys_material_is_overwritten_where_the_old_keyring_file_was(keyring_path):
+    # Before: the keyring was replaced by rename only, so every earlier version of the file (and so
+    # every retired key) stayed readable in its freed inode. A hard link keeps the old inode in
+    # view: after each rewrite it holds zeros only.
+    first = create_key(keyring_path)
+    material = base64.b64encode(Keyring.from_file(keyring_path).material(first))
+    versions = []
+    for operation in (lambda: rotate_key(keyring_path), lambda: retire_key(keyring_path, first)):
+        link = keyring_path.with_name(f"version-{len(versions)}")
+        os.link(keyring_path, link)
+        assert material in link.read_bytes()
+        operation()
+        versions.append(link.read_bytes())
+
+    assert all(version and set(version) == {0} for version in versions)
+    assert material not in keyring_path.read_bytes()
+    assert first not in Keyring.from_file(keyring_path).key_ids
+
+
 def test_a_keyring_readable_by_others_is_refused(keyring_path):
     create_key(keyring_path)
     keyring_path.chmod(0o644)

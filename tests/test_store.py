@@ -280,6 +280,18 @@ def test_key_rotation_rewraps_data_keys_without_reencrypting_images(backend, sit
         before.get(site, stored.image_id)
 
 
+def test_rewrapping_passes_over_an_image_whose_key_was_destroyed(backend, store, site, caplog):
+    # A `keys retire` shreds what the key still wrapped; a later rotation (or `store purge`) must
+    # not stop at those images, which nothing can re-wrap.
+    shredded = backend.open(Keyring.generate()).put(site, mammogram(500, seed=2))
+
+    with caplog.at_level("WARNING", logger="api.store.base"):
+        rewrapped = store.rewrap_keys(from_key_id=shredded.key_id)  # the keyspace is shared: only this key's
+
+    assert rewrapped == 0
+    assert f"image {shredded.image_id} of site {site} is wrapped by destroyed key {shredded.key_id}" in caplog.text
+
+
 def test_reading_with_a_keyring_that_lacks_the_key_is_a_wrong_key_error(backend, store, site):
     stored = store.put(site, mammogram(1000))
     stranger = backend.open(Keyring.generate())

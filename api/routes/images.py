@@ -14,9 +14,7 @@ from fastapi import (
     UploadFile,
     status,
 )
-from starlette.concurrency import run_in_threadpool
-
-from api.auth import Principal
+from api import operations
 from api.routes.common import (
     Admin,
     Reader,
@@ -28,23 +26,9 @@ from api.routes.common import (
     require_multipart,
 )
 from api.schemas import ImageInfo, ImageList
-from api.services import Services
 from api.store.base import MAX_PAGE_SIZE
-from api.uploads import CleanImage, decode_image, render_png
 
 router = APIRouter(prefix="/images", tags=["images"])
-
-
-async def store_upload(request: Request, service: Services, principal: Principal,
-                       file: UploadFile) -> tuple[ImageInfo, CleanImage]:
-    """De-identifies and stores an upload for the caller's site; whole or not at all."""
-    data = await file.read()
-    clean = await run_in_threadpool(service.deidentifier.clean, data)
-    attributes = {"width": clean.width, "height": clean.height, "deidentification": clean.deidentification}
-    metadata = await run_in_threadpool(service.images.put, principal.site_id, clean.data,
-                                       content_type=clean.content_type, attributes=attributes)
-    request.state.audit_resource = str(metadata.image_id)
-    return image_info(metadata), clean
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ImageInfo,
@@ -53,8 +37,9 @@ async def store_upload(request: Request, service: Services, principal: Principal
 async def upload_image(request: Request, file: Annotated[UploadFile, File(description="DICOM Part 10, PNG or JPEG")],
                        principal: Uploader,
                        service: ServicesDep) -> ImageInfo:
-    info, _ = await store_upload(request, service, principal, file)
-    return info
+    metadata, _ = await operations.store_upload(service, principal.site_id, await file.read())
+    request.state.audit_resource = str(metadata.image_id)
+    return image_info(metadata)
 
 
 @router.get("", response_model=ImageList, responses=errors(400, 401, 422, 503), summary="List the site's images, paged")
@@ -80,18 +65,13 @@ def get_image(image_id: str, principal: Reader,
             response_class=Response, summary="The de-identified image, as stored or rendered to PNG")
 def get_image_content(image_id: str, principal: Reader, service: ServicesDep,
                       format: Literal["original", "png"] = "original") -> Response:
-    stored = service.images.get(principal.site_id, image_uuid(image_id))
-    content_type = stored.metadata.content_type
-    if format == "png" and content_type != "image/png":
-        return Response(render_png(decode_image(stored.data, content_type)), media_type="image/png")
-    return Response(stored.data, media_type=content_type)
+    data, media_type = operations.image_content(service, principal.site_id, image_uuid(image_id), format)
+    return Response(data, media_type=media_type)
 
 
 @router.delete("/{image_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                responses=errors(401, 403, 404, 422, 503), summary="Delete an image (crypto-shredded) and its predictions")
 def delete_image(image_id: str, principal: Admin,
                  service: ServicesDep) -> Response:
-    image = image_uuid(image_id)
-    service.images.delete(principal.site_id, image)
-    service.records.delete_predictions(principal.site_id, image)
+    operations.delete_image(service, principal.site_id, image_uuid(image_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)

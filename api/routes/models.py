@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 
 from api.routes.common import Reader, ServicesDep, errors
-from api.routes.predictions import model_version
+from api.operations import model_version
 from api.schemas import ModelCardSummary, ModelInfo, ModelList
 from server.model_card import summary
 

@@ -231,11 +231,16 @@ class ImageStore(ABC):
 
         Covers the images whose key is ``from_key_id``, or every key but the active one when
         None. Image ciphertext is untouched. A record deleted or re-wrapped concurrently is
-        skipped.
+        skipped, and so is one whose key-encryption key was destroyed (``keys retire``: that image
+        is already shredded; it is logged by id).
         """
         rewrapped = 0
         for record in self._records_not_wrapped_by(self._keyring.active_key_id):
             if from_key_id is not None and record.key_id != from_key_id:
+                continue
+            if record.key_id not in self._keyring.key_ids:
+                logger.warning("image %s of site %s is wrapped by destroyed key %s: unrecoverable, not re-wrapped",
+                               record.image_id, record.site_id, record.key_id)
                 continue
             new_key = self._cipher(record).wrap(self._keyring)
             rewrapped += self._replace_key(record, new_key)

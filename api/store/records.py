@@ -103,17 +103,3 @@ class ServiceRecords(ABC):
     @abstractmethod
     def ping(self) -> None:
         """Raises :class:`~api.store.base.StoreUnavailableError` unless the database answers now."""
-
-
-def service_records_for(store: ImageStore) -> ServiceRecords:
-    """The records living beside ``store``'s images, on the same database."""
-    from api.store.cassandra import CassandraImageStore
-    from api.store.records_cassandra import CassandraServiceRecords
-    from api.store.records_sqlite import SQLiteServiceRecords
-    from api.store.sqlite import SQLiteImageStore
-
-    if isinstance(store, SQLiteImageStore):
-        return SQLiteServiceRecords(store)
-    if isinstance(store, CassandraImageStore):
-        return CassandraServiceRecords(store)
-    raise TypeError(f"no service records for a {type(store).__name__}; valid: SQLiteImageStore, CassandraImageStore")
