@@ -258,3 +258,55 @@ def test_fuzzed_dicom_uploads_are_stored_or_refused_never_a_server_error(app):
         assert response.status_code < 500, response.text
         assert "ZQX" not in response.text  # a refusal quotes no header value
     assert statuses.get(201) and statuses.get(422)  # both outcomes occur: the mutations bite
+
+
+def test_every_domain_error_has_an_answer_in_the_one_table():
+    # Every MammoflError our packages define is answered from api.app.DOMAIN_ERRORS (the most
+    # specific entry along its class hierarchy), none falls through to the server's bare 500.
+    import importlib
+    import pkgutil
+
+    import anonymize
+    import api
+    import common
+    from api.app import DOMAIN_ERRORS
+    from common.errors import MammoflError
+
+    for package in (api, anonymize, common):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(module.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    answered = {error: next(entry for entry in error.__mro__ if entry in DOMAIN_ERRORS) for error in subclasses(MammoflError)}
+    statuses = {error.__name__: DOMAIN_ERRORS[entry].status for error, entry in answered.items()}
+    assert statuses["ImageNotFoundError"] == 404 and statuses["StoreUnavailableError"] == 503
+    assert statuses["ApiKeyNotFoundError"] == 404 and statuses["VariantNotFoundError"] == 422
+    assert statuses["DicomReadError"] == 422 and statuses["WrongKeyError"] == 500
+
+
+@pytest.mark.parametrize(("error", "status", "internal"), [
+    ("data", 422, False), ("model", 500, True), ("integrity", 500, True)])
+def test_a_domain_error_inside_a_route_answers_from_the_table_without_its_text_when_internal(
+        app, monkeypatch, error, status, internal):
+    from api import operations
+    from api.crypto import IntegrityError
+    from common.errors import DataError, ModelError
+
+    raised = {"data": DataError("the stored image cannot be decoded"), "model": ModelError("SECRET-INTERNAL-PATH"),
+              "integrity": IntegrityError("SECRET-INTERNAL-PATH")}[error]
+
+    def failing(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(operations, "image_content", failing)
+    stored = upload(app, png_bytes(seed=31)).json()["image_id"]
+
+    response = app.client.get(f"/v1/images/{stored}/content", headers=app.auth())
+
+    assert response.status_code == status
+    assert "SECRET" not in response.text and response.json()["detail"]
+    assert not internal or type(raised).__name__ in response.json()["detail"]  # internal: the type, not the text
