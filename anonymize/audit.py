@@ -38,7 +38,9 @@ class AuditRecord:
     dates: str | None = None
     actions: dict[str, str] = field(default_factory=dict)
     redactions: list[list[int]] = field(default_factory=list)
+    removed_words: dict[str, int] = field(default_factory=dict)  # per vocabulary-cleaned text: a count, never the words
     input_bytes: int = 0
+    kind: str | None = None  # of a file that is not DICOM: its file name extension (".csv"), never its content
 
     def to_json(self) -> str:
         return json.dumps({key: value for key, value in asdict(self).items() if value not in (None, {}, [])},
@@ -47,7 +49,9 @@ class AuditRecord:
 
 @dataclass(frozen=True)
 class BatchSummary:
-    """Counts of one run; `reasons` counts quarantines by reason code."""
+    """Counts of one run; `reasons` counts quarantines by reason code, `not_dicom` the files that are
+    not DICOM by file name extension (index CSVs, manifests: never written, copy them yourself if
+    they carry no PHI)."""
 
     written: int
     quarantined: int
@@ -58,6 +62,7 @@ class BatchSummary:
     reasons: dict[str, int]
     audit_path: Path
     summary_path: Path
+    not_dicom: dict[str, int] = field(default_factory=dict)
 
     @property
     def files_per_second(self) -> float:
@@ -74,6 +79,7 @@ class AuditLog:
         self.summary_path = state_dir / SUMMARY_FILE
         self.counts: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
+        self.not_dicom: Counter[str] = Counter()
         self.input_bytes = 0
         self._handle = self.path.open("a", encoding="utf-8")
 
@@ -81,6 +87,8 @@ class AuditLog:
         self.counts[record.status] += 1
         if record.status == QUARANTINED and record.reason:
             self.reasons[record.reason] += 1
+            if record.kind is not None:
+                self.not_dicom[record.kind] += 1
         if record.status != SKIPPED:
             self.input_bytes += record.input_bytes
             self._handle.write(record.to_json() + "\n")
@@ -90,7 +98,7 @@ class AuditLog:
         self._handle.close()
         summary = BatchSummary(self.counts[WRITTEN], self.counts[QUARANTINED], self.counts[SKIPPED],
                                self.counts[FAILED], self.input_bytes, seconds, dict(self.reasons),
-                               self.path, self.summary_path)
+                               self.path, self.summary_path, dict(sorted(self.not_dicom.items())))
         content = {key: value for key, value in asdict(summary).items() if key not in ("audit_path", "summary_path")}
         self.summary_path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return summary

@@ -40,6 +40,7 @@ from anonymize.deidentify import Quarantined, deidentify_bytes
 from anonymize.private import SafePrivateList, load_safe_private
 from anonymize.profile import DEFAULT_OPTIONS, DeidentificationOptions
 from anonymize.secret import key_id, load_secret
+from anonymize.vocabulary import Vocabulary, load_vocabulary
 from common.errors import ConfigError
 
 LAYOUTS: Final = ("mirror", "uid")
@@ -56,6 +57,7 @@ class _Job:
     options: DeidentificationOptions
     secret: bytes
     safe_private: SafePrivateList
+    vocabulary: Vocabulary
     completed: dict[str, AuditRecord]
 
 
@@ -65,7 +67,8 @@ _job: _Job | None = None
 def run_anonymize(input_path: Path | str, output_path: Path | str, *,
                   options: DeidentificationOptions = DEFAULT_OPTIONS, secret_file: Path | str,
                   workers: int | None = None, progress: bool = False, layout: str = "mirror",
-                  safe_private_file: Path | str | None = None) -> BatchSummary:
+                  safe_private_file: Path | str | None = None,
+                  vocabulary_file: Path | str | None = None) -> BatchSummary:
     """De-identify `input_path` (a file or a folder, recursively) into `output_path`.
 
     With a file as input, `output_path` is the output file; with a folder, the output folder.
@@ -81,7 +84,8 @@ def run_anonymize(input_path: Path | str, output_path: Path | str, *,
     output_root = output_path.parent if single_file else output_path
     state_dir = output_root / STATE_DIR
     job = _Job(input_path.parent if single_file else input_path, output_path, single_file, layout, options, secret,
-               load_safe_private(safe_private_file), completed_inputs(state_dir, options.enabled, key_id(secret)))
+               load_safe_private(safe_private_file), load_vocabulary(vocabulary_file),
+               completed_inputs(state_dir, options.enabled, key_id(secret)))
     audit = AuditLog(state_dir)
     started = time.perf_counter()
     with tqdm(total=len(files), disable=not progress, desc="anonymizing", unit="file") as bar:
@@ -133,9 +137,10 @@ def _process(path: Path) -> AuditRecord:
         return AuditRecord(status=SKIPPED, **base)
     try:
         output, summary = deidentify_bytes(data, job.options, job.secret, safe_private=job.safe_private,
-                                           input_sha256=digest)
+                                           vocabulary=job.vocabulary, input_sha256=digest)
     except Quarantined as exc:
-        return AuditRecord(status=QUARANTINED, reason=exc.reason, message=str(exc), **base)
+        kind = (path.suffix.lower() or "(no extension)") if exc.reason == "not-dicom" else None
+        return AuditRecord(status=QUARANTINED, reason=exc.reason, message=str(exc), kind=kind, **base)
     except Exception as exc:  # noqa: BLE001 - one broken file must not stop the batch; audited as failed
         return AuditRecord(status=FAILED, reason=type(exc).__name__, message="unexpected error; see the reason "
                            "(an exception type) and rerun this file alone to debug", **base)
@@ -146,7 +151,7 @@ def _process(path: Path) -> AuditRecord:
                                                       else job.output_root).as_posix(),
                        sop_class_uid=summary.sop_class_uid, dates=summary.dates, actions=summary.actions,
                        redactions=[[r.frame, r.top, r.bottom, r.left, r.right] for r in summary.redactions],
-                       **base)
+                       removed_words=summary.removed_words, **base)
 
 
 def _exists(job: _Job, output: str | None) -> bool:

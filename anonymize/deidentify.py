@@ -10,6 +10,10 @@ attribute is kept only when it is known to be safe (an allow-list, not a deny-li
 - free text (LO, SH, LT, ST, UT, UC, UR, AE) and person names are kept only for `SAFE_TEXT`
   keywords (code meanings, manufacturer...), otherwise removed, or emptied/dummied where the
   IOD requires them (Type 2/1);
+- free text an option keeps cleaned (descriptions and comments under Clean Descriptors, SR text
+  under Clean Structured Content, free-text characteristics such as Allergies under Retain Patient
+  Characteristics) keeps only words of the safe vocabulary (`anonymize.vocabulary`); the summary
+  counts the words replaced per attribute;
 - private attributes are removed unless on the safe-private allow-list; 50xx curves and 60xx
   overlays are removed whole; anything pydicom cannot name is removed.
 
@@ -65,6 +69,7 @@ from anonymize.profile import (
 )
 from anonymize.secret import key_id
 from anonymize.uids import CLASS_UID_KEYWORDS, UidMapper
+from anonymize.vocabulary import Vocabulary, load_vocabulary
 from common.errors import DataError
 
 TEXT_VRS: Final = frozenset({"AE", "LO", "LT", "SH", "ST", "UT", "UC", "UR", "PN"})
@@ -77,8 +82,13 @@ SAFE_TEXT: Final = frozenset({
     "RescaleType", "ConvolutionKernel", "SequenceName", "ReceiveCoilName", "TransmitCoilName", "ImagedNucleus",
     "LUTExplanation", "ContributionDescription", "DeidentificationMethod", "ImplementationVersionName",
 })
-# Kept (scrubbed) only under the Clean Structured Content Option: the free text of SR content.
+# Kept (vocabulary-cleaned) only under the Clean Structured Content Option: the free text of SR content.
 STRUCTURED_TEXT: Final = frozenset({"TextValue"})
+# Text VRs that hold prose when an option keeps them "cleaned" (AE titles, URIs, names are not prose).
+FREE_TEXT_VRS: Final = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
+# Cleaned text attributes that are not prose: kept as the option says.
+NOT_PROSE: Final = frozenset({"TimezoneOffsetFromUTC"})
+MAX_TEXT_LENGTH: Final = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240}
 PSEUDONYMISED: Final = frozenset({"PatientID", "PatientName"})
 PSEUDONYM = "P"  # our action letter for PatientID/PatientName replaced by the keyed pseudonym
 DUMMY_TEXT: Final = "ANONYMIZED"
@@ -110,7 +120,8 @@ class DeidentificationSummary:
     """What was done to one instance, with no value read from it.
 
     `actions` maps a tag path ("(0010,0010)", nested "(0040,A730)>(0040,A160)") to the action
-    letters applied there (K, C, X, Z, D, U, and P for the keyed pseudonym).
+    letters applied there (K, C, X, Z, D, U, and P for the keyed pseudonym); `removed_words` maps
+    the path of each vocabulary-cleaned text to how many of its words were replaced.
     """
 
     input_sha256: str
@@ -121,6 +132,7 @@ class DeidentificationSummary:
     actions: dict[str, str]
     redactions: tuple[Redaction, ...]
     dates: str
+    removed_words: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,13 +146,15 @@ class _Walk:
     sop_class: str
     patient_pseudonym: str
     date_shift: int | None
+    vocabulary: Vocabulary
     terms: IdentifyingTerms = field(default_factory=IdentifyingTerms)
+    removed_words: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     retained: set[int] = field(default_factory=set)  # id() of elements an option keeps as they are
     actions: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
 
 def deidentify_bytes(data: bytes, options: DeidentificationOptions, secret: bytes, *,
-                     safe_private: SafePrivateList | None = None,
+                     safe_private: SafePrivateList | None = None, vocabulary: Vocabulary | None = None,
                      input_sha256: str | None = None) -> tuple[bytes, DeidentificationSummary]:
     """De-identify a DICOM Part 10 file given as bytes; return the new file's bytes and a summary.
 
@@ -152,7 +166,8 @@ def deidentify_bytes(data: bytes, options: DeidentificationOptions, secret: byte
         warnings.simplefilter("always")  # pydicom's warnings quote values: keep them off the console
         ds = read_dataset(data)
         try:
-            summary = deidentify_dataset(ds, options, secret, safe_private=safe_private, warnings_seen=caught)
+            summary = deidentify_dataset(ds, options, secret, safe_private=safe_private, vocabulary=vocabulary,
+                                         warnings_seen=caught)
         except MALFORMED_ELEMENT as exc:
             # pydicom decodes elements when first touched: an unknown VR or a length that does not fit
             # its VR surfaces wherever the profile first reads that element. Nothing is written.
@@ -163,7 +178,8 @@ def deidentify_bytes(data: bytes, options: DeidentificationOptions, secret: byte
     input_hash = input_sha256 or hashlib.sha256(data).hexdigest()
     output_hash = hashlib.sha256(output).hexdigest()
     return output, DeidentificationSummary(input_hash, output_hash, summary.sop_class_uid, summary.options,
-                                           summary.key_id, summary.actions, summary.redactions, summary.dates)
+                                           summary.key_id, summary.actions, summary.redactions, summary.dates,
+                                           summary.removed_words)
 
 
 # What pydicom raises when it decodes a malformed element: an unknown VR, bytes that do not fit it.
@@ -199,7 +215,7 @@ def _require_complete(ds: Dataset) -> None:
 
 
 def deidentify_dataset(ds: Dataset, options: DeidentificationOptions, secret: bytes, *,
-                       safe_private: SafePrivateList | None = None,
+                       safe_private: SafePrivateList | None = None, vocabulary: Vocabulary | None = None,
                        warnings_seen: list[warnings.WarningMessage] | None = None) -> DeidentificationSummary:
     """De-identify `ds` in place (see the module docstring); hashes in the summary are left empty."""
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -210,7 +226,7 @@ def deidentify_dataset(ds: Dataset, options: DeidentificationOptions, secret: by
         raise Quarantined("not-composite", "a DICOMDIR media directory is not de-identified; de-identify the "
                                            "instances it indexes instead")
     present = set(ds.dir())
-    walk = _start(ds, options, secret, safe_private, sop_class)
+    walk = _start(ds, options, secret, safe_private, sop_class, vocabulary or load_vocabulary())
     _visit(walk, ds, "", top_level=True, warnings_seen=warnings_seen if warnings_seen is not None else [])
     _scrub(walk, ds)
     # Always present, so every output carries keyed proof of its origin (see anonymize.gate).
@@ -222,18 +238,18 @@ def deidentify_dataset(ds: Dataset, options: DeidentificationOptions, secret: by
     _rebuild_file_meta(ds)
     actions = {path: "|".join(sorted(letters)) for path, letters in sorted(walk.actions.items())}
     return DeidentificationSummary("", "", sop_class, options.enabled, key_id(secret), actions,
-                                   tuple(redactions), dates)
+                                   tuple(redactions), dates, dict(sorted(walk.removed_words.items())))
 
 
 def _start(ds: Dataset, options: DeidentificationOptions, secret: bytes, safe_private: SafePrivateList | None,
-           sop_class: str) -> _Walk:
+           sop_class: str, vocabulary: Vocabulary) -> _Walk:
     """The walk's state; the date shift is keyed by the original Patient ID, and is skipped when the
     data set is already ours (its Patient ID is our pseudonym: its dates were shifted before)."""
     patient_id = str(ds.get("PatientID", "") or "")
     already_ours = is_pseudonym(secret, patient_id) and carries_our_markers(ds)
     shift = date_shift_days(secret, patient_id) if options.retain_modified_dates and not already_ours else None
     return _Walk(load_profile(), options, UidMapper(secret), safe_private or load_safe_private(), sop_class,
-                 pseudonym(secret, patient_id), shift)
+                 pseudonym(secret, patient_id), shift, vocabulary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +347,8 @@ def _apply(walk: _Walk, ds: Dataset, elem: DataElement, action: str, path: str, 
     elif action == DUMMY or action == UID:
         _collect(walk, elem)
         elem.value = _dummy(elem)
+    elif action == CLEAN and _is_prose(walk, elem):
+        _clean_prose(walk, elem, path)
     elif action == CLEAN and elem.VR in ("DA", "DT") and walk.date_shift is not None and elem.value not in (None, ""):
         _collect(walk, elem)
         shift = shift_date if elem.VR == "DA" else shift_datetime
@@ -338,6 +356,31 @@ def _apply(walk: _Walk, ds: Dataset, elem: DataElement, action: str, path: str, 
             elem.value = _map_values(elem.value, lambda value: shift(value, walk.date_shift))
         except DateValueError as exc:
             raise Quarantined("invalid-value", f"element {elem.tag}: {exc}") from exc
+
+
+def _is_prose(walk: _Walk, elem: DataElement) -> bool:
+    """Free text that an option keeps cleaned: a table attribute (a description, a comment, a
+    free-text characteristic) or SR text; not coded text kept as it is (`SAFE_TEXT`)."""
+    if elem.VR not in FREE_TEXT_VRS or elem.tag.is_private or elem.keyword in NOT_PROSE:
+        return False
+    return walk.profile.rule_for(elem.tag) is not None or elem.keyword in STRUCTURED_TEXT
+
+
+def _clean_prose(walk: _Walk, elem: DataElement, path: str) -> None:
+    """Only vocabulary words survive; the count of words replaced goes to the summary."""
+    if elem.value in (None, ""):
+        return
+    removed = 0
+
+    def clean(value: str) -> str:
+        nonlocal removed
+        cleaned = walk.vocabulary.clean(value, max_length=MAX_TEXT_LENGTH.get(elem.VR))
+        removed += cleaned.removed_words
+        return cleaned.text
+
+    elem.value = _map_values(elem.value, clean)
+    if removed:
+        walk.removed_words[path] += removed
 
 
 def _collect(walk: _Walk, elem: DataElement) -> None:

@@ -45,14 +45,15 @@ OPTION_HELP: Final[dict[str, str]] = {
     "retain_patient_characteristics": "keep age, sex, size, weight and similar characteristics",
     "retain_full_dates": "keep dates and times unchanged",
     "retain_modified_dates": "shift every date of a patient by one keyed, non-zero number of days",
-    "clean_descriptors": "keep free-text descriptions (series, study, comments) with identifying values scrubbed",
-    "clean_structured_content": "keep SR and acquisition context content, cleaned item by item",
+    "clean_descriptors": "keep free-text descriptions and comments, reduced to words of the safe vocabulary",
+    "clean_structured_content": "keep SR and acquisition context content, its text reduced to safe vocabulary",
     "clean_pixel_data": "detect burned-in text and blank it; quarantine images that cannot be cleaned",
 }
 OPTION_NAMES: Final = tuple(OPTION_HELP)
-# The options a mammography research export wants: useful (age, intervals, descriptions) yet clean.
-DEFAULT_OPTION_NAMES: Final = ("retain_patient_characteristics", "retain_modified_dates", "clean_descriptors",
-                               "clean_structured_content", "clean_pixel_data")
+# The options a mammography research export wants: useful (age, intervals) yet clean. No free text:
+# descriptions, comments and SR text are removed as the Basic Profile says, unless a user asks for
+# clean_descriptors / clean_structured_content (which keep safe vocabulary words only).
+DEFAULT_OPTION_NAMES: Final = ("retain_patient_characteristics", "retain_modified_dates", "clean_pixel_data")
 # Table E.1-1 columns that `DeidentificationOptions` does not offer: graphics (overlays, curves) are
 # always removed rather than cleaned, so the Clean Graphics Option is never claimed.
 UNOFFERED_COLUMNS: Final = frozenset({"clean_graphics"})

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from anonymize.profile import parse_options
 from anonymize.secret import load_secret
+from anonymize.vocabulary import load_vocabulary
 from api.audit import AuditLog
 from api.auth import ApiKeys
 from api.crypto import load_keyring
@@ -47,7 +48,8 @@ def open_services(settings: ApiSettings) -> Services:
     """Everything the routes need, loaded once at start-up; raises a MammoflError naming what is wrong."""
     deidentifier = Deidentifier(parse_options(settings.deidentification_options),
                                 load_secret(settings.deidentification_secret_file),
-                                max_pixels=settings.max_image_pixels, max_decoded_bytes=settings.max_decoded_bytes)
+                                max_pixels=settings.max_image_pixels, max_decoded_bytes=settings.max_decoded_bytes,
+                                vocabulary=load_vocabulary(settings.deidentification_vocabulary_file))
     models = load_registry(settings.model_dir, variants=settings.variants, default=settings.default_variant,
                            threads=settings.cpu_threads, workers=settings.inference_workers,
                            micro_batch_size=settings.micro_batch_size,

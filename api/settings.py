@@ -41,6 +41,8 @@ class ApiSettings(BaseSettings):
     keyring_path: Path = Path("secrets/keyring.json")
     deidentification_secret_file: Path = DEFAULT_SECRET_FILE
     deidentification_options: tuple[str, ...] = DEFAULT_OPTION_NAMES
+    # More words descriptors may keep under clean_descriptors (`mammofl anonymize --descriptor-vocabulary`).
+    deidentification_vocabulary_file: Path | None = None
 
     model_dir: Path = Path("serving")
     variants: tuple[str, ...] | None = None

@@ -31,6 +31,7 @@ from anonymize.deidentify import (
 )
 from anonymize.pixels import BurnedInTextError, clean_burned_in_text
 from anonymize.profile import DeidentificationOptions
+from anonymize.vocabulary import Vocabulary
 from common.data.images import read_image_bytes
 from common.errors import DataError, MammoflError
 
@@ -74,8 +75,9 @@ class Deidentifier:
     """Turns uploaded bytes into a :class:`CleanImage`, or raises :class:`UploadRejected`."""
 
     def __init__(self, options: DeidentificationOptions, secret: bytes, *, max_pixels: int,
-                 max_decoded_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_decoded_bytes: int = 256 * 1024 * 1024, vocabulary: Vocabulary | None = None) -> None:
         self._options = options
+        self._vocabulary = vocabulary
         self._secret = secret
         self._max_pixels = max_pixels
         self._max_decoded_bytes = max_decoded_bytes
@@ -95,7 +97,7 @@ class Deidentifier:
             self._check_size(int(header.get("Columns") or 0), int(header.get("Rows") or 0),
                              int(header.get("NumberOfFrames") or 1),
                              int(header.get("SamplesPerPixel") or 1) * -(-int(header.get("BitsAllocated") or 16) // 8))
-            cleaned, summary = deidentify_bytes(data, self._options, self._secret)
+            cleaned, summary = deidentify_bytes(data, self._options, self._secret, vocabulary=self._vocabulary)
         except Quarantined as error:
             raise UploadRejected(422, f"the DICOM file cannot be de-identified ({error.reason}): {error}") from error
         except (TypeError, ValueError) as error:
@@ -183,7 +185,8 @@ def dicom_summary(summary: DeidentificationSummary) -> dict[str, Any]:
             changed.add(name)
     return {"method": "dicom-ps3.15", "options": list(summary.options), "key_id": summary.key_id,
             "action_counts": counts, "removed": _listed(removed), "changed": _listed(changed),
-            "redactions": len(summary.redactions), "dates": summary.dates}
+            "redactions": len(summary.redactions), "dates": summary.dates,
+            "removed_words": sum(summary.removed_words.values())}
 
 
 def _attribute_name(path: str) -> str:

@@ -233,8 +233,12 @@ def _anonymize(args: argparse.Namespace) -> int:
     summary = run_anonymize(
         args.input, args.output, options=options, secret_file=args.secret_file, workers=args.workers,
         progress=sys.stderr.isatty(), layout=args.layout, safe_private_file=args.safe_private,
+        vocabulary_file=args.descriptor_vocabulary,
     )
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(summary.reasons.items())) or "none"
+    kinds = ", ".join(f"{count} {kind}" for kind, count in summary.not_dicom.items())
+    reasons = ", ".join(f"{reason}: {count}" + (f" [{kinds}; not written, copy them yourself if they carry no PHI]"
+                                                 if reason == "not-dicom" and kinds else "")
+                        for reason, count in sorted(summary.reasons.items())) or "none"
     print(f"written {summary.written}, quarantined {summary.quarantined} ({reasons}), "
           f"skipped {summary.skipped} (already done), failed {summary.failed}; audit {summary.audit_path}")
     return 1 if summary.failed else 0
@@ -265,6 +269,9 @@ def _add_anonymize_command(commands) -> None:
     anonymize.add_argument("--layout", choices=("mirror", "uid"), default="mirror",
                            help="output paths: mirror the input tree, or name files by their new UIDs (strict)")
     anonymize.add_argument("--safe-private", type=Path, help="JSON allow-list of safe private attributes")
+    anonymize.add_argument("--descriptor-vocabulary", type=Path, metavar="FILE",
+                           help="more words that descriptors kept by clean_descriptors/clean_structured_content may "
+                                "retain (one word per line, or the JSON format of the shipped list)")
     anonymize.set_defaults(handler=_anonymize)
 
 

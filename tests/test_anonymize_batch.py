@@ -47,6 +47,9 @@ def test_every_dicom_file_is_written_or_quarantined_and_the_batch_goes_on(inputs
     dicoms = [p for p in inputs.rglob("*.dcm") if p.name not in ("truncated.dcm", "bad-vr.dcm")]
     assert summary.written == len(dicoms) and summary.failed == 0
     assert summary.reasons == {"not-dicom": 7 + 1 + 6, "truncated": 1, "invalid-value": 1}  # CSVs, manifest, txt
+    assert summary.not_dicom == {".csv": 12, ".json": 1, ".txt": 1}  # what they are, by name only
+    masks = [p for p in dicoms if pydicom.dcmread(p, stop_before_pixels=True).get("SeriesDescription") == "ROI mask images"]
+    assert masks and all((out / p.relative_to(inputs)).is_file() for p in masks)  # a CBIS-DDSM tree needs them
     assert not (out / "truncated.dcm").exists() and not (out / "bad-vr.dcm").exists()
     assert not list(out.rglob("*.tmp"))
     for path in out.rglob("*.dcm"):

@@ -3,8 +3,10 @@ UIDs and dates stay consistent, the output is a valid instance, and a second pas
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
+import json
 from pathlib import Path
 
 import pydicom
@@ -17,6 +19,7 @@ from anonymize.patients import is_pseudonym
 from anonymize.profile import DEFAULT_OPTIONS, DeidentificationOptions, parse_options
 from anonymize.uids import UidMapper
 from common.data.synthetic_dicom import synthesize_dataset
+from common.errors import ConfigError
 from tests.fixtures.anonymize_canaries import CANARY_PATIENT, plant_canaries, surviving_canaries
 
 SECRET = bytes(range(32))
@@ -124,13 +127,97 @@ def test_mammography_attributes_without_identity_are_kept(canary_file: Path) -> 
     assert result.PixelData == original.PixelData
 
 
-def test_descriptors_are_kept_with_identifying_values_scrubbed(canary_file: Path) -> None:
-    _, _, result = deidentify(canary_file)
-    assert result.SeriesDescription == "L CC *********"
+def test_by_default_descriptors_are_removed_and_coded_text_is_scrubbed(canary_file: Path) -> None:
+    _, summary, result = deidentify(canary_file)
+    assert "SeriesDescription" not in result and "ImageComments" not in result
     nested = result.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].PurposeOfReferenceCodeSequence[0]
     assert nested.CodeMeaning == "seen by ********* **********"
     assert nested.PersonName == "ANONYMIZED"
-    assert "TextValue" in result.ContentSequence[0]
+    assert summary.actions["(0008,103E)"] == "X"
+
+
+def test_clean_descriptors_keeps_only_vocabulary_words(canary_file: Path) -> None:
+    _, summary, result = deidentify(canary_file, parse_options([*DEFAULT_OPTIONS.enabled, "clean_descriptors",
+                                                                "clean_structured_content"]))
+    assert result.SeriesDescription == "L CC [removed]"
+    assert result.ImageComments == "prior at [removed]"
+    assert result.ContentSequence[0].TextValue == "[removed] by [removed]"
+    assert summary.removed_words["(0008,103E)"] == 1 and summary.removed_words["(0020,4000)"] == 6
+
+
+# Free text whose PHI appears nowhere else in the file: no other attribute holds these names,
+# numbers or places, so scrubbing "values seen elsewhere" cannot catch them.
+FREE_TEXT = {
+    "ImageComments": "Pt Jane Hollowell MRN 8842913 DOB 03/04/1961 tel (555) 201-3344 NHS 943 476 5919",
+    "StudyDescription": "Mammo screening referred by Dr Pemberton",
+    "PatientComments": "lives at 12 Elmwood Road, Springfield",
+    "DerivationDescription": "processed for Marisol Quintero 2019-05-06",
+    "FrameComments": "tech Ravensworth 07:08",
+    "AdditionalPatientHistory": "mother Abernathy had breast cancer",
+    "Allergies": "latex per Dr Okonkwo",
+}
+NESTED_FREE_TEXT = {"RequestedProcedureDescription": "Biopsy for Kowalczyk",
+                    "ReasonForTheRequestedProcedure": "lump found by Thistlewood on 2019-04-01"}
+PHI_WORDS = ("Jane", "Hollowell", "8842913", "1961", "555", "3344", "5919", "Pemberton", "Elmwood", "Springfield",
+             "Marisol", "Quintero", "2019", "Ravensworth", "07:08", "Abernathy", "Okonkwo", "Kowalczyk",
+             "Thistlewood")
+
+
+@pytest.fixture(scope="module")
+def free_text_file(mammograms: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ds = pydicom.dcmread(mammograms[0])
+    for keyword, value in FREE_TEXT.items():
+        setattr(ds, keyword, value)
+    request = pydicom.Dataset()
+    for keyword, value in NESTED_FREE_TEXT.items():
+        setattr(request, keyword, value)
+    ds.RequestAttributesSequence = [request]
+    target = tmp_path_factory.mktemp("free-text") / "free-text.dcm"
+    ds.save_as(target, enforce_file_format=True)
+    assert all(word.encode() in target.read_bytes() for word in PHI_WORDS)  # planted, and only there
+    return target
+
+
+@pytest.mark.parametrize("options", [
+    DEFAULT_OPTIONS, DeidentificationOptions(),
+    parse_options(["retain_patient_characteristics", "retain_modified_dates", "clean_descriptors",
+                   "clean_structured_content"])], ids=["default", "basic-profile", "clean-descriptors"])
+def test_free_text_phi_found_nowhere_else_does_not_survive(free_text_file: Path, options) -> None:
+    # Before: the default kept descriptors and scrubbed only values repeated in identifying
+    # attributes, so every planted name, number, date and address here came back verbatim.
+    output, summary = deidentify_bytes(free_text_file.read_bytes(), options, SECRET)
+
+    upper = output.upper()
+    assert [word for word in PHI_WORDS if word.upper().encode() in upper] == []
+    audit = json.dumps(dataclasses.asdict(summary))
+    assert [word for word in PHI_WORDS if word in audit] == []
+
+
+def test_clean_descriptors_keeps_the_safe_words_of_nested_and_top_level_text(free_text_file: Path) -> None:
+    options = parse_options(["retain_patient_characteristics", "clean_descriptors"])
+    _, summary, result = deidentify(free_text_file, options)
+
+    assert result.StudyDescription == "Mammo screening [removed] by [removed]"
+    assert result.AdditionalPatientHistory == "[removed] breast cancer"
+    assert result.RequestAttributesSequence[0].RequestedProcedureDescription == "Biopsy for [removed]"
+    assert result.ImageComments == "[removed]"
+    assert summary.removed_words["(0040,0275)>(0040,1002)"] == 6  # lump found Thistlewood 2019 04 01
+    assert summary.removed_words["(0020,4000)"] >= 12
+
+
+def test_a_user_vocabulary_extends_the_shipped_one(free_text_file: Path, tmp_path: Path) -> None:
+    from anonymize.vocabulary import load_vocabulary
+
+    (tmp_path / "words.txt").write_text("# our protocol words\nlatex\n", encoding="utf-8")
+    options = parse_options(["retain_patient_characteristics", "clean_descriptors"])
+
+    output, _ = deidentify_bytes(free_text_file.read_bytes(), options, SECRET,
+                                 vocabulary=load_vocabulary(tmp_path / "words.txt"))
+    result = pydicom.dcmread(io.BytesIO(output))
+    assert result.Allergies == "latex per [removed]"
+    (tmp_path / "bad.txt").write_text("MRN4242\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="bad.txt: 1 entry is not a single word"):
+        load_vocabulary(tmp_path / "bad.txt")
 
 
 def test_private_blocks_overlays_and_curves_are_removed(canary_file: Path) -> None:
@@ -169,7 +256,7 @@ def test_markers_name_the_profile_options_and_equipment(canary_file: Path) -> No
     _, _, result = deidentify(canary_file)
     assert result.PatientIdentityRemoved == "YES"
     assert [item.CodeValue for item in result.DeidentificationMethodCodeSequence] == [
-        "113100", "113101", "113104", "113105", "113107", "113108"]
+        "113100", "113101", "113107", "113108"]
     assert result.ContributingEquipmentSequence[-1].Manufacturer == "mammofl"
     assert result.ContributingEquipmentSequence[-1].PurposeOfReferenceCodeSequence[0].CodeValue == "109104"
     assert result.BurnedInAnnotation == "NO"

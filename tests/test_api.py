@@ -531,3 +531,22 @@ def test_predictions_are_stored_sealed_with_their_images_key(tmp_path):
             (stored,) = connection.execute("SELECT document FROM predictions").fetchone()
         assert stored.startswith("sealed:v1:") and "probabilities" not in stored
         assert str(created["prediction"]["probabilities"]["normal"])[:6] not in stored
+
+
+def test_an_upload_keeps_no_free_text_phi_found_nowhere_else_in_the_file(app):
+    # The service de-identifies with the new defaults: descriptions and comments are removed, so a
+    # name or number that only a comment holds never reaches the store.
+    ds = pydicom.dcmread(io.BytesIO(canary_dicom()))
+    ds.ImageComments = "Pt Hollowell tel 555-201-3344 MRN 8842913"
+    ds.StudyDescription = "screening referred by Dr Pemberton"
+    ds.PatientComments = "lives at 12 Elmwood Road"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+
+    created = upload(app, buffer.getvalue())
+    assert created.status_code == 201, created.text
+    stored = app.client.get(f"/v1/images/{created.json()['image_id']}/content", headers=app.auth(role="reader"))
+
+    for word in (b"Hollowell", b"3344", b"8842913", b"Pemberton", b"Elmwood"):
+        assert word not in stored.content and word not in created.content
+    assert {"ImageComments", "StudyDescription", "PatientComments"} <= set(created.json()["deidentification"]["removed"])
