@@ -20,7 +20,13 @@ from anonymize.profile import DEFAULT_OPTIONS, DeidentificationOptions, parse_op
 from anonymize.uids import UidMapper
 from common.data.synthetic_dicom import synthesize_dataset
 from common.errors import ConfigError
-from tests.fixtures.anonymize_canaries import CANARY_PATIENT, plant_canaries, surviving_canaries
+from tests.fixtures.anonymize_canaries import (
+    CANARY_PATIENT,
+    PHI_WORDS,
+    plant_canaries,
+    plant_free_text,
+    surviving_canaries,
+)
 
 SECRET = bytes(range(32))
 MAMMOGRAPHY = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -145,33 +151,10 @@ def test_clean_descriptors_keeps_only_vocabulary_words(canary_file: Path) -> Non
     assert summary.removed_words["(0008,103E)"] == 1 and summary.removed_words["(0020,4000)"] == 6
 
 
-# Free text whose PHI appears nowhere else in the file: no other attribute holds these names,
-# numbers or places, so scrubbing "values seen elsewhere" cannot catch them.
-FREE_TEXT = {
-    "ImageComments": "Pt Jane Hollowell MRN 8842913 DOB 03/04/1961 tel (555) 201-3344 NHS 943 476 5919",
-    "StudyDescription": "Mammo screening referred by Dr Pemberton",
-    "PatientComments": "lives at 12 Elmwood Road, Springfield",
-    "DerivationDescription": "processed for Marisol Quintero 2019-05-06",
-    "FrameComments": "tech Ravensworth 07:08",
-    "AdditionalPatientHistory": "mother Abernathy had breast cancer",
-    "Allergies": "latex per Dr Okonkwo",
-}
-NESTED_FREE_TEXT = {"RequestedProcedureDescription": "Biopsy for Kowalczyk",
-                    "ReasonForTheRequestedProcedure": "lump found by Thistlewood on 2019-04-01"}
-PHI_WORDS = ("Jane", "Hollowell", "8842913", "1961", "555", "3344", "5919", "Pemberton", "Elmwood", "Springfield",
-             "Marisol", "Quintero", "2019", "Ravensworth", "07:08", "Abernathy", "Okonkwo", "Kowalczyk",
-             "Thistlewood")
-
-
 @pytest.fixture(scope="module")
 def free_text_file(mammograms: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     ds = pydicom.dcmread(mammograms[0])
-    for keyword, value in FREE_TEXT.items():
-        setattr(ds, keyword, value)
-    request = pydicom.Dataset()
-    for keyword, value in NESTED_FREE_TEXT.items():
-        setattr(request, keyword, value)
-    ds.RequestAttributesSequence = [request]
+    plant_free_text(ds)
     target = tmp_path_factory.mktemp("free-text") / "free-text.dcm"
     ds.save_as(target, enforce_file_format=True)
     assert all(word.encode() in target.read_bytes() for word in PHI_WORDS)  # planted, and only there
