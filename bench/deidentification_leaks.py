@@ -1,4 +1,4 @@
-"""What each de-identifier leaves: mammofl, dicognito and pydicom/deid on the same canary files.
+"""What each de-identifier leaves: mammofl, dicognito, pydicom/deid and dicom-anonymizer on the same files.
 
 Two synthetic mammograms carry planted fake PHI (tests/fixtures/anonymize_canaries.py): one with
 a canary in every place PHI hides (identifying attributes, nested sequences, private blocks,
@@ -9,7 +9,7 @@ case-insensitively, for every canary. The table goes to stdout, and to --out as 
 
     .venv/bin/python bench/deidentification_leaks.py [--out docs/deidentification-comparison.md]
 
-Needs the dev extras (`make venv` installs them: dicognito, deid).
+Needs the dev extras (`make venv` installs them: dicognito, deid, dicom-anonymizer).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def tools() -> dict[str, Callable[[Path], bytes]]:
         "mammofl Basic Profile": lambda path: _ours(path, DeidentificationOptions()),
         f"dicognito {version('dicognito')}": _dicognito,
         f"deid {version('deid')} (default recipe)": _deid,
+        f"dicom-anonymizer {version('dicom-anonymizer')}": _dicom_anonymizer,
     }
 
 
@@ -98,6 +99,14 @@ def _deid(path: Path) -> bytes:
     with tempfile.TemporaryDirectory() as out:
         written = replace_identifiers([str(path)], save=True, output_folder=out)
         return Path(written[0]).read_bytes()
+
+
+def _dicom_anonymizer(path: Path) -> bytes:
+    from dicomanonymizer import anonymize_dataset
+
+    dataset = pydicom.dcmread(path)
+    anonymize_dataset(dataset)
+    return _encoded(dataset)
 
 
 def _encoded(dataset: pydicom.Dataset) -> bytes:
@@ -164,8 +173,10 @@ Notes:
   is never one of them, so it leaves as much as the default (nothing).
 - dicognito replaces names, IDs and dates with consistent fakes and keeps descriptions and
   comments (its documented scope: it does not parse free text); deid's default recipe blanks a
-  list of header fields and keeps what is not on it. Neither looks at burned-in pixel text
-  (mammofl's Clean Pixel Data Option; no canary here is in the pixels).
+  list of header fields and keeps what is not on it; dicom-anonymizer applies the PS3.15 table
+  (so it removes the free-text attributes the table lists) but not to everything outside it.
+  None of them looks at burned-in pixel text (mammofl's Clean Pixel Data Option; no canary here
+  is in the pixels).
 - Tool versions are in the column names; a newer version may do better.
 """
 
