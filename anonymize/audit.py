@@ -1,6 +1,6 @@
 """The audit trail of a de-identification run: one JSON line per input file, and a run summary.
 
-A line says what happened to a file - input hash -> output hash, the action per tag, the
+A line says what happened to a file - input digest -> output digest (BLAKE3, as `b3sum` prints), the action per tag, the
 blanked boxes, or why it was quarantined - and never a value read from it. Input file names can
 themselves be identifying, so a line carries the input's path only in the "mirror" layout, where
 the output tree repeats those paths anyway; in the "uid" layout files are known by their hashes.
@@ -26,10 +26,10 @@ class AuditRecord:
     """What happened to one input file."""
 
     status: str
-    input_sha256: str
+    input_blake3: str
     options: tuple[str, ...]
     key_id: str
-    output_sha256: str | None = None
+    output_blake3: str | None = None
     output: str | None = None
     path: str | None = None
     reason: str | None = None
@@ -112,8 +112,10 @@ def completed_inputs(state_dir: Path, options: tuple[str, ...], key: str) -> dic
         return done
     for line in path.read_text(encoding="utf-8").splitlines():
         fields_ = json.loads(line)
+        if "input_blake3" not in fields_:
+            continue  # a line of an earlier version (SHA-256 digests): that input is simply done again
         fields_["options"] = tuple(fields_["options"])
         record = AuditRecord(**fields_)
         if record.status in (WRITTEN, QUARANTINED) and record.options == options and record.key_id == key:
-            done[record.input_sha256] = record
+            done[record.input_blake3] = record
     return done

@@ -13,7 +13,6 @@ need; the paths themselves are not de-identified), "uid" names each output
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import time
@@ -36,7 +35,7 @@ from anonymize.audit import (
     BatchSummary,
     completed_inputs,
 )
-from anonymize.deidentify import Quarantined, deidentify_bytes
+from anonymize.deidentify import Quarantined, deidentify_bytes, file_digest
 from anonymize.private import SafePrivateList, load_safe_private
 from anonymize.profile import DEFAULT_OPTIONS, DeidentificationOptions
 from anonymize.secret import key_id, load_secret
@@ -127,17 +126,17 @@ def _process(path: Path) -> AuditRecord:
     """De-identify one file and write it atomically; never raises for a problem with the file."""
     job = _job
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = file_digest(data)
     relative = None if job.single_file else path.relative_to(job.input_root).as_posix()
     shown_path = relative if job.layout == "mirror" else None
-    base = {"input_sha256": digest, "options": job.options.enabled, "key_id": key_id(job.secret),
+    base = {"input_blake3": digest, "options": job.options.enabled, "key_id": key_id(job.secret),
             "path": shown_path, "input_bytes": len(data)}
     previous = job.completed.get(digest)
     if previous is not None and (previous.status == QUARANTINED or _exists(job, previous.output)):
         return AuditRecord(status=SKIPPED, **base)
     try:
         output, summary = deidentify_bytes(data, job.options, job.secret, safe_private=job.safe_private,
-                                           vocabulary=job.vocabulary, input_sha256=digest)
+                                           vocabulary=job.vocabulary, input_blake3=digest)
     except Quarantined as exc:
         kind = (path.suffix.lower() or "(no extension)") if exc.reason == "not-dicom" else None
         return AuditRecord(status=QUARANTINED, reason=exc.reason, message=str(exc), kind=kind, **base)
@@ -146,7 +145,7 @@ def _process(path: Path) -> AuditRecord:
                            "(an exception type) and rerun this file alone to debug", **base)
     destination = _destination(job, relative, output)
     _write_atomically(destination, output)
-    return AuditRecord(status=WRITTEN, output_sha256=summary.output_sha256,
+    return AuditRecord(status=WRITTEN, output_blake3=summary.output_blake3,
                        output=destination.relative_to(job.output_root.parent if job.single_file
                                                       else job.output_root).as_posix(),
                        sop_class_uid=summary.sop_class_uid, dates=summary.dates, actions=summary.actions,

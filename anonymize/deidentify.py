@@ -26,7 +26,6 @@ Messages and the summary never hold a value read from the file.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
 import warnings
@@ -37,6 +36,7 @@ from typing import Final
 
 import numpy as np
 import pydicom
+from blake3 import blake3
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -124,8 +124,8 @@ class DeidentificationSummary:
     the path of each vocabulary-cleaned text to how many of its words were replaced.
     """
 
-    input_sha256: str
-    output_sha256: str
+    input_blake3: str
+    output_blake3: str
     sop_class_uid: str
     options: tuple[str, ...]
     key_id: str
@@ -155,12 +155,12 @@ class _Walk:
 
 def deidentify_bytes(data: bytes, options: DeidentificationOptions, secret: bytes, *,
                      safe_private: SafePrivateList | None = None, vocabulary: Vocabulary | None = None,
-                     input_sha256: str | None = None) -> tuple[bytes, DeidentificationSummary]:
+                     input_blake3: str | None = None) -> tuple[bytes, DeidentificationSummary]:
     """De-identify a DICOM Part 10 file given as bytes; return the new file's bytes and a summary.
 
     Raises Quarantined when the input is not DICOM, is truncated or invalid, or holds burned-in
     text that cannot be cleaned with confidence. The output re-reads cleanly (checked here).
-    `input_sha256` spares hashing the input again when the caller already did.
+    `input_blake3` spares hashing the input again when the caller already did (`file_digest`).
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # pydicom's warnings quote values: keep them off the console
@@ -175,11 +175,16 @@ def deidentify_bytes(data: bytes, options: DeidentificationOptions, secret: byte
                                                f"that does not fit its VR ({type(exc).__name__})") from exc
         output = encode(ds)
         _check_rereads(output)
-    input_hash = input_sha256 or hashlib.sha256(data).hexdigest()
-    output_hash = hashlib.sha256(output).hexdigest()
+    input_hash = input_blake3 or file_digest(data)
+    output_hash = file_digest(output)
     return output, DeidentificationSummary(input_hash, output_hash, summary.sop_class_uid, summary.options,
                                            summary.key_id, summary.actions, summary.redactions, summary.dates,
                                            summary.removed_words)
+
+
+def file_digest(data: bytes) -> str:
+    """The audit's digest of a file's bytes: BLAKE3, 256 bits, hex (what `b3sum` prints)."""
+    return blake3(data).hexdigest()
 
 
 # What pydicom raises when it decodes a malformed element: an unknown VR, bytes that do not fit it.

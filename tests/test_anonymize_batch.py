@@ -61,7 +61,7 @@ def test_the_audit_has_a_line_per_file_and_no_value_from_any_file(inputs: Path, 
     lines = [json.loads(line) for line in summary.audit_path.read_text().splitlines()]
     assert len(lines) == summary.written + summary.quarantined
     written = [line for line in lines if line["status"] == "written"]
-    assert all(line["input_sha256"] != line["output_sha256"] and line["actions"] for line in written)
+    assert all(line["input_blake3"] != line["output_blake3"] and line["actions"] for line in written)
     assert any(line.get("redactions") for line in written)
     audit_text = summary.audit_path.read_text().upper()
     for path in inputs.rglob("*.dcm"):
@@ -81,6 +81,21 @@ def test_a_second_run_skips_everything_and_changes_nothing(inputs: Path, secret_
     assert second.skipped == first.written + first.quarantined
     assert second.written == second.quarantined == 0
     assert {p: p.read_bytes() for p in out.rglob("*.dcm")} == before
+
+
+def test_an_audit_of_an_earlier_version_is_read_and_its_files_done_again(inputs: Path, secret_file: Path,
+                                                                         tmp_path: Path) -> None:
+    # Audits written before the switch to BLAKE3 digests carry "input_sha256": they must not stop a run.
+    single = next(inputs.rglob("*.dcm"))
+    out = tmp_path / "out"
+    state = out / ".mammofl-anonymize"
+    state.mkdir(parents=True)
+    (state / "audit.jsonl").write_text(json.dumps({"status": "written", "input_sha256": "ab" * 32, "options": [],
+                                                   "key_id": "k", "output": "x.dcm"}) + "\n")
+
+    summary = run_anonymize(single.parent, out, secret_file=secret_file, workers=1)
+
+    assert summary.written >= 1 and summary.failed == 0
 
 
 def test_anonymizing_the_output_again_reproduces_it(first_run, secret_file: Path, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_real_files_lose_every_identifying_value_and_stay_readable(name: str) ->
     assert not any(elem.tag.is_private for elem in result.iterall())
     assert result.PatientIdentityRemoved == "YES" and result.SOPClassUID == original.SOPClassUID
     assert deidentify_bytes(output, DEFAULT_OPTIONS, SECRET)[0] == output
-    assert summary.input_sha256 != summary.output_sha256
+    assert summary.input_blake3 != summary.output_blake3
 
 
 def test_deep_sequences_are_walked_and_their_uids_mapped() -> None:
