@@ -1,8 +1,9 @@
 """Burned-in text in mammograms: find it, blank it, or refuse the image.
 
 Mammography exports carry labels, names and dates in the corners and side strips, drawn in air,
-outside the breast. Two detectors work on a block-pooled copy of each frame (at most
-~`POOL_TARGET` pixels a side, so a 4000x3200 image costs tens of milliseconds):
+outside the breast. Two detectors work on a block-pooled copy of each frame (block maxima and
+minima, at most ~`POOL_TARGET` blocks a side: a stroke one pixel wide still shows; pooled once
+per frame, and after blanking only over the blanked boxes):
 
 - breast-mask-aware cleaning: air is the darkest band of the frame when it is large and flat;
   the breast (largest region that is not air) plus a margin is protected; everything outside it
@@ -80,20 +81,27 @@ def clean_burned_in_text(pixels: np.ndarray, *, photometric: str, bits_stored: i
     """
     redactions: list[Redaction] = []
     for index in range(pixels.shape[0]):
+        frame = pixels[index]
+        pooled = _pool(_luma(frame))  # pooled once; a pass re-pools only the boxes it blanked
         for _ in range(MAX_PASSES):
-            found = _clean_frame(pixels[index], index, photometric, bits_stored)
+            found = _clean_frame(frame, pooled, index, photometric, bits_stored)
             if not found:
                 break
             redactions.extend(found)
+            for redaction in found:
+                _repool(pooled, frame, redaction)
         else:
             raise BurnedInTextError(f"frame {index} still shows ink after {MAX_PASSES} cleaning passes; "
                                     "the image is quarantined")
     return redactions
 
 
-def _clean_frame(frame: np.ndarray, index: int, photometric: str, bits_stored: int) -> list[Redaction]:
-    luma = frame[..., 0] if frame.shape[-1] == 1 else frame.astype(np.float32) @ LUMA_WEIGHTS
-    pooled = _pool(luma)
+def _luma(frame: np.ndarray) -> np.ndarray:
+    return frame[..., 0] if frame.shape[-1] == 1 else frame.astype(np.float32) @ LUMA_WEIGHTS
+
+
+def _clean_frame(frame: np.ndarray, pooled: _Pooled, index: int, photometric: str,
+                 bits_stored: int) -> list[Redaction]:
     low, high = float(pooled.low.min()), float(pooled.high.max())
     if high <= low:
         return []
@@ -107,7 +115,9 @@ def _clean_frame(frame: np.ndarray, index: int, photometric: str, bits_stored: i
     outside = protected == 0
     background, threshold = _air_level(pooled, air, high - low)
     ink = (np.maximum(pooled.high - background, background - pooled.low) > threshold) & outside
-    boxes = _ink_regions(ink, protected, pooled.factor, luma.shape)
+    boxes = _ink_regions(ink, protected, pooled.factor, frame.shape[:2])
+    if not boxes:
+        return []
     fill = _fill_values(frame, pooled, air)
     for top, bottom, left, right in boxes:
         keep = _upsample(protected, pooled.factor, (top, bottom, left, right)).astype(bool)
@@ -116,20 +126,46 @@ def _clean_frame(frame: np.ndarray, index: int, photometric: str, bits_stored: i
     return [Redaction(index, *box) for box in boxes]
 
 
-def _pool(luma: np.ndarray) -> _Pooled:
-    """Block maxima and minima over factor x factor blocks (the last blocks may be smaller): a
-    dilation/erosion anchored at the block's corner, sampled once per block (fast in OpenCV)."""
-    factor = max(1, math.ceil(max(luma.shape) / POOL_TARGET))
+def _repool(pooled: _Pooled, frame: np.ndarray, redaction: Redaction) -> None:
+    """Brings the pooled extrema up to date over a blanked box. Boxes start on the block grid, so
+    pooling the box alone gives exactly the blocks a full re-pooling of the frame would."""
+    factor = pooled.factor
+    box = _pool(_luma(frame[redaction.top:redaction.bottom, redaction.left:redaction.right]), factor)
+    rows = slice(redaction.top // factor, redaction.top // factor + box.high.shape[0])
+    cols = slice(redaction.left // factor, redaction.left // factor + box.high.shape[1])
+    pooled.high[rows, cols] = box.high
+    pooled.low[rows, cols] = box.low
+
+
+def _pool(luma: np.ndarray, factor: int | None = None) -> _Pooled:
+    """Block maxima and minima over factor x factor blocks (the last blocks may be smaller).
+
+    The factor is the frame's (at most ~`POOL_TARGET` blocks a side) unless given. Rows first:
+    each band of `factor` rows reduces to one in numpy (contiguous, vectorised), which leaves a
+    quarter of the data; then a one-row dilation/erosion anchored at the block's left edge,
+    sampled once per block. Twice as fast as a square dilation of the whole frame, same values.
+    """
+    factor = factor or max(1, math.ceil(max(luma.shape) / POOL_TARGET))
     values = np.ascontiguousarray(luma)
     if values.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
         values = values.astype(np.float32)
     if factor == 1:
         values = values.astype(np.float32)
-        return _Pooled(values, values, 1)
-    block = np.ones((factor, factor), dtype=np.uint8)
-    high = cv2.dilate(values, block, anchor=(0, 0))[::factor, ::factor]
-    low = cv2.erode(values, block, anchor=(0, 0))[::factor, ::factor]
+        return _Pooled(values, values.copy(), 1)
+    row = np.ones((1, factor), dtype=np.uint8)
+    high = cv2.dilate(_row_bands(values, factor, np.max), row, anchor=(0, 0))[:, ::factor]
+    low = cv2.erode(_row_bands(values, factor, np.min), row, anchor=(0, 0))[:, ::factor]
     return _Pooled(high.astype(np.float32), low.astype(np.float32), factor)
+
+
+def _row_bands(values: np.ndarray, factor: int, reduce) -> np.ndarray:
+    """`reduce` (np.max or np.min) over each band of `factor` rows; the last band may be shorter."""
+    rows, columns = values.shape
+    whole = rows // factor * factor
+    bands = reduce(values[:whole].reshape(rows // factor, factor, columns), axis=1)
+    if whole < rows:
+        bands = np.concatenate([bands, reduce(values[whole:], axis=0, keepdims=True)])
+    return bands
 
 
 def _presentation(pooled: _Pooled, low: float, high: float, photometric: str) -> np.ndarray:

@@ -104,3 +104,23 @@ def _draw_text(pixels: np.ndarray, text: str, centre: tuple[int, int], ink: int)
     top, left = centre[0] - 15, centre[1] - 100
     region = pixels[top:top + 30, left:left + 200]
     region[glyphs[: region.shape[0], : region.shape[1]]] = ink
+
+
+@pytest.mark.parametrize("shape", [(4000, 3200), (3999, 3197), (1031, 17), (7, 2049)])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_pooling_gives_exactly_the_block_extrema_of_a_square_dilation(shape, dtype) -> None:
+    # The row-band pooling must equal the straightforward definition: a factor x factor
+    # dilation/erosion anchored at each block's corner, sampled once per block (partial last blocks too).
+    import cv2
+
+    from anonymize.pixels import _pool
+
+    values = np.random.default_rng(sum(shape)).integers(0, 4096, shape).astype(dtype)
+    pooled = _pool(values)
+    block = np.ones((pooled.factor, pooled.factor), np.uint8)
+
+    reference_high = cv2.dilate(values, block, anchor=(0, 0))[::pooled.factor, ::pooled.factor]
+    reference_low = cv2.erode(values, block, anchor=(0, 0))[::pooled.factor, ::pooled.factor]
+    assert pooled.factor > 1
+    assert np.array_equal(pooled.high, reference_high.astype(np.float32))
+    assert np.array_equal(pooled.low, reference_low.astype(np.float32))
