@@ -3,14 +3,21 @@
 Both run in the same process on the same files (full-field 4000 x 3200, 12/14-bit synthetic
 mammograms from our generator, a third of them RLE-compressed, half with burned-in text): dicognito
 (PyPI) reads, anonymizes its metadata and writes each file; we additionally decode and check every
-image for burned-in text, blank it, keep the allow-list, scrub descriptors, verify the output
-re-reads and write atomically with an audit line. Each tool runs `--rounds` times, alternating,
+image for burned-in text, blank it, keep the allow-list, remove free text, digest input and output
+(BLAKE3, for the audit and resumption), verify the output re-reads and write atomically with an
+audit line. Each tool runs `--rounds` times, alternating,
 and the best round counts (load from other processes on the machine hits both alike).
 
     .venv/bin/python bench/deidentification.py [--data DIR] [--images 12] [--rounds 2]
 
 Without --data, the images are synthesised into a temporary folder first (about a minute).
 "mammofl no pixels" is the like-for-like run without the Clean Pixel Data Option.
+
+Measured on the 2-core development machine, 12 files of 22 MB (2026-12-04): dicognito 68-78
+files/s; mammofl without the pixel check 46-64 files/s (0.68-0.84x), with it 9.6-11.5 files/s on
+1 worker (0.14-0.15x) and 14.7-15.5 on both cores (0.21-0.23x). Per file with the check: ~40 ms
+scanning the pixels (pooled once; 20 ms per pass at pooled size), ~20 ms decoding (RLE files
+~45 ms), ~12 ms encoding, ~9 ms parsing, 6 ms digests.
 """
 
 from __future__ import annotations
