@@ -13,7 +13,6 @@ need; the paths themselves are not de-identified), "uid" names each output
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,7 +34,7 @@ from anonymize.audit import (
     BatchSummary,
     completed_inputs,
 )
-from anonymize.deidentify import Quarantined, deidentify_bytes, file_digest
+from anonymize.deidentify import Quarantined, deidentify_file, path_digest
 from anonymize.private import SafePrivateList, load_safe_private
 from anonymize.profile import DEFAULT_OPTIONS, DeidentificationOptions
 from anonymize.secret import key_id, load_secret
@@ -125,26 +124,29 @@ def _start_worker(job: _Job) -> None:
 def _process(path: Path) -> AuditRecord:
     """De-identify one file and write it atomically; never raises for a problem with the file."""
     job = _job
-    data = path.read_bytes()
-    digest = file_digest(data)
+    digest = path_digest(path)
     relative = None if job.single_file else path.relative_to(job.input_root).as_posix()
     shown_path = relative if job.layout == "mirror" else None
     base = {"input_blake3": digest, "options": job.options.enabled, "key_id": key_id(job.secret),
-            "path": shown_path, "input_bytes": len(data)}
+            "path": shown_path, "input_bytes": path.stat().st_size}
     previous = job.completed.get(digest)
     if previous is not None and (previous.status == QUARANTINED or _exists(job, previous.output)):
         return AuditRecord(status=SKIPPED, **base)
+    temporary = _temporary(job)
     try:
-        output, summary = deidentify_bytes(data, job.options, job.secret, safe_private=job.safe_private,
-                                           vocabulary=job.vocabulary, input_blake3=digest)
+        summary = deidentify_file(path, temporary, job.options, job.secret, safe_private=job.safe_private,
+                                  vocabulary=job.vocabulary, input_blake3=digest)
+        destination = _destination(job, relative, temporary)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temporary, destination)
     except Quarantined as exc:
         kind = (path.suffix.lower() or "(no extension)") if exc.reason == "not-dicom" else None
         return AuditRecord(status=QUARANTINED, reason=exc.reason, message=str(exc), kind=kind, **base)
     except Exception as exc:  # noqa: BLE001 - one broken file must not stop the batch; audited as failed
         return AuditRecord(status=FAILED, reason=type(exc).__name__, message="unexpected error; see the reason "
                            "(an exception type) and rerun this file alone to debug", **base)
-    destination = _destination(job, relative, output)
-    _write_atomically(destination, output)
+    finally:
+        temporary.unlink(missing_ok=True)
     return AuditRecord(status=WRITTEN, output_blake3=summary.output_blake3,
                        output=destination.relative_to(job.output_root.parent if job.single_file
                                                       else job.output_root).as_posix(),
@@ -153,27 +155,24 @@ def _process(path: Path) -> AuditRecord:
                        removed_words=summary.removed_words, **base)
 
 
+def _temporary(job: _Job) -> Path:
+    """Where an output is written before it is renamed into place: the state folder, on the same
+    file system as every destination (so the rename is atomic), and no folder is made for an input
+    that ends up quarantined."""
+    root = job.output_root.parent if job.single_file else job.output_root
+    return root / STATE_DIR / f".output.{os.getpid()}.tmp"
+
+
 def _exists(job: _Job, output: str | None) -> bool:
     root = job.output_root.parent if job.single_file else job.output_root
     return output is not None and (root / output).is_file()
 
 
-def _destination(job: _Job, relative: str | None, output: bytes) -> Path:
+def _destination(job: _Job, relative: str | None, written: Path) -> Path:
     if job.single_file:
         return job.output_root
     if job.layout == "mirror":
         return job.output_root / relative
-    header = pydicom.dcmread(io.BytesIO(output), stop_before_pixels=True,
+    header = pydicom.dcmread(written, stop_before_pixels=True,
                              specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
     return job.output_root / header.StudyInstanceUID / header.SeriesInstanceUID / f"{header.SOPInstanceUID}.dcm"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the destination folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -31,7 +31,8 @@ import struct
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -164,22 +165,42 @@ def deidentify_bytes(data: bytes, options: DeidentificationOptions, secret: byte
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # pydicom's warnings quote values: keep them off the console
-        ds = read_dataset(data)
-        try:
-            summary = deidentify_dataset(ds, options, secret, safe_private=safe_private, vocabulary=vocabulary,
-                                         warnings_seen=caught)
-        except MALFORMED_ELEMENT as exc:
-            # pydicom decodes elements when first touched: an unknown VR or a length that does not fit
-            # its VR surfaces wherever the profile first reads that element. Nothing is written.
-            raise Quarantined("invalid-value", f"an element has an unknown Value Representation or a length "
-                                               f"that does not fit its VR ({type(exc).__name__})") from exc
+        ds, summary = _deidentified(io.BytesIO(data), options, secret, safe_private, vocabulary, caught)
         output = encode(ds)
-        _check_rereads(output)
-    input_hash = input_blake3 or file_digest(data)
-    output_hash = file_digest(output)
-    return output, DeidentificationSummary(input_hash, output_hash, summary.sop_class_uid, summary.options,
-                                           summary.key_id, summary.actions, summary.redactions, summary.dates,
-                                           summary.removed_words)
+        _check_rereads(io.BytesIO(output))
+    return output, replace(summary, input_blake3=input_blake3 or file_digest(data), output_blake3=file_digest(output))
+
+
+def deidentify_file(source: Path, destination: Path, options: DeidentificationOptions, secret: bytes, *,
+                    safe_private: SafePrivateList | None = None, vocabulary: Vocabulary | None = None,
+                    input_blake3: str | None = None) -> DeidentificationSummary:
+    """`deidentify_bytes` from file to file, without holding either in memory twice: the batch's
+    path (read once by pydicom, written once, digests over memory maps). `destination` is written
+    only when the whole file came out clean, and removed again if it does not re-read."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds, summary = _deidentified(source, options, secret, safe_private, vocabulary, caught)
+        try:
+            ds.save_as(destination, enforce_file_format=True)
+            _check_rereads(destination)
+        except BaseException:
+            Path(destination).unlink(missing_ok=True)
+            raise
+    return replace(summary, input_blake3=input_blake3 or path_digest(source), output_blake3=path_digest(destination))
+
+
+def _deidentified(source: io.BytesIO | Path, options: DeidentificationOptions, secret: bytes,
+                  safe_private: SafePrivateList | None, vocabulary: Vocabulary | None,
+                  caught: list) -> tuple[Dataset, DeidentificationSummary]:
+    ds = read_dataset(source)
+    try:
+        return ds, deidentify_dataset(ds, options, secret, safe_private=safe_private, vocabulary=vocabulary,
+                                      warnings_seen=caught)
+    except MALFORMED_ELEMENT as exc:
+        # pydicom decodes elements when first touched: an unknown VR or a length that does not fit
+        # its VR surfaces wherever the profile first reads that element. Nothing is written.
+        raise Quarantined("invalid-value", f"an element has an unknown Value Representation or a length "
+                                           f"that does not fit its VR ({type(exc).__name__})") from exc
 
 
 def file_digest(data: bytes) -> str:
@@ -187,14 +208,21 @@ def file_digest(data: bytes) -> str:
     return blake3(data).hexdigest()
 
 
+def path_digest(path: Path) -> str:
+    """`file_digest` of the file at `path`, read through a memory map (no copy)."""
+    if Path(path).stat().st_size == 0:
+        return file_digest(b"")
+    return blake3().update_mmap(path).hexdigest()
+
+
 # What pydicom raises when it decodes a malformed element: an unknown VR, bytes that do not fit it.
 MALFORMED_ELEMENT = (NotImplementedError, BytesLengthException, struct.error, OSError, EOFError)
 
 
-def read_dataset(data: bytes) -> Dataset:
-    """Parse a Part 10 file; Quarantined when it is not DICOM or was cut short."""
+def read_dataset(data: bytes | io.BytesIO | Path) -> Dataset:
+    """Parse a Part 10 file (its bytes, a stream or a path); Quarantined when it is not DICOM or was cut short."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data)
     except InvalidDicomError as exc:
         raise Quarantined("not-dicom", "not a DICOM Part 10 file (no 'DICM' marker after the 128-byte "
                                        "preamble)") from exc
@@ -563,11 +591,11 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _check_rereads(data: bytes) -> None:
+def _check_rereads(data: io.BytesIO | Path) -> None:
     """The output must parse back completely (the pixel data, written last from a checked array or
     copied as it was, is not parsed again); a failure here is our bug, never written out."""
     try:
-        for _ in pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).iterall():
+        for _ in pydicom.dcmread(data, stop_before_pixels=True).iterall():
             pass
     except Exception as exc:  # noqa: BLE001 - any parse failure of our own output blocks the write
         raise Quarantined("output-unreadable", f"the de-identified output does not re-read cleanly "

@@ -13,11 +13,12 @@ and the best round counts (load from other processes on the machine hits both al
 Without --data, the images are synthesised into a temporary folder first (about a minute).
 "mammofl no pixels" is the like-for-like run without the Clean Pixel Data Option.
 
-Measured on the 2-core development machine, 12 files of 22 MB (2026-12-04): dicognito 68-78
-files/s; mammofl without the pixel check 46-64 files/s (0.68-0.84x), with it 9.6-11.5 files/s on
-1 worker (0.14-0.15x) and 14.7-15.5 on both cores (0.21-0.23x). Per file with the check: ~40 ms
-scanning the pixels (pooled once; 20 ms per pass at pooled size), ~20 ms decoding (RLE files
-~45 ms), ~12 ms encoding, ~9 ms parsing, 6 ms digests.
+Measured on the 2-core development machine, 12 files of 22 MB (2026-12-04, best of 3, four
+runs): dicognito 59-78 files/s; mammofl without the pixel check 61-70 files/s (0.89-1.04x), with
+it 11-14 files/s on 1 worker (0.18-0.19x) and 17-19 on both cores (0.24-0.29x). Per file with the
+check: ~40 ms scanning the pixels (pooled once; ~20 ms a pass at the pooled size), ~20 ms
+decoding (RLE files ~45 ms); the rest (parse, walk, write, two BLAKE3 digests over memory maps,
+the re-read check) ~15 ms, about what dicognito spends in all.
 """
 
 from __future__ import annotations
