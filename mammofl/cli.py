@@ -318,20 +318,32 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         print(f"new active key {rotate_key(args.keyring)}")
         print("no store named: existing images keep their old wrapping until `keys rotate` runs with --sqlite/--cassandra")
         return 0
-    with _rotated_store(args.keyring, location, retire_old=args.retire_old):
+    with _rotated_store(args.keyring, location, retire_old=args.retire_old,
+                        allow_unrecoverable=args.allow_unrecoverable):
         pass
     return 0
 
 
 @contextmanager
-def _rotated_store(keyring_path: Path, location, *, retire_old: bool):
+def _rotated_store(keyring_path: Path, location, *, retire_old: bool, allow_unrecoverable: bool = False):
     """Rotates to a new key-encryption key, re-wraps the store's data keys, retires the old keys when
     asked, and yields the store (still open, holding the keyring as it was in memory)."""
     from api.crypto import list_keys, load_keyring, retire_key, rotate_key
     from api.store.factory import open_store
 
+    from common.errors import ConfigError
+
     old_ids = [info.key_id for info in list_keys(keyring_path)]
-    open_store(location, load_keyring(keyring_path), create_schema=False).images.close()  # it exists: rotate
+    with open_store(location, load_keyring(keyring_path), create_schema=False).images as check:
+        unknown, total = check.count_unwrappable()
+    if unknown and unknown == total and not allow_unrecoverable:
+        # Every image is wrapped by keys this file lacks: most likely not the service's keyring.
+        # Rotating it would re-wrap nothing and destroy nothing, yet look like a purge.
+        raise ConfigError(f"{unknown} image(s) of the {location.describe()} are wrapped by keys that {keyring_path} "
+                          f"does not hold: is it the service's keyring? Nothing was changed. If those keys were "
+                          f"retired on purpose (their images shredded), pass --allow-unrecoverable")
+    if unknown:
+        print(f"{unknown} image(s) are wrapped by keys no longer in the keyring (retired: unrecoverable); left as they are")
     new_id = rotate_key(keyring_path)
     print(f"new active key {new_id}")
     store = open_store(location, load_keyring(keyring_path), create_schema=False).images  # new key and old ones
@@ -392,7 +404,7 @@ def _store_purge(args: argparse.Namespace) -> int:
     location = _store_location(args)
     if location.backend == "sqlite" and args.nodetool:
         raise ConfigError("--nodetool applies to a Cassandra store (--cassandra); the SQLite store needs none")
-    with _rotated_store(args.keyring, location, retire_old=True) as store:
+    with _rotated_store(args.keyring, location, retire_old=True, allow_unrecoverable=args.allow_unrecoverable) as store:
         if location.backend == "sqlite":
             store.make_deletions_final()
             print("checkpointed the write-ahead log: deleted rows are zeroed in the database file")
@@ -425,6 +437,8 @@ def _add_store_target(parser: argparse.ArgumentParser, *, required: bool) -> Non
     target.add_argument("--sqlite", type=Path, help="embedded store database")
     target.add_argument("--cassandra", metavar="HOST[:PORT]", help="Cassandra contact point of the store")
     parser.add_argument("--keyspace", default="mammofl", help="Cassandra keyspace (default mammofl)")
+    parser.add_argument("--allow-unrecoverable", action="store_true",
+                        help="go on although no image's key is in the keyring (they were all shredded on purpose)")
 
 
 def _add_keys_commands(commands) -> None:

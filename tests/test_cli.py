@@ -139,6 +139,27 @@ def test_store_purge_leaves_a_deleted_images_key_nowhere_and_its_key_encryption_
     assert keyring.read_bytes() == before  # nothing rotated for a store that is not there
 
 
+def test_store_purge_with_the_wrong_keyring_changes_nothing_and_says_so(tmp_path, capsys, monkeypatch):
+    # A careless operator: the keyring named is not the one the store's images are wrapped with.
+    # Before, the purge "succeeded" re-wrapping nothing, leaving deleted images recoverable.
+    from api.crypto import create_key, load_keyring
+    from api.store.sqlite import SQLiteImageStore
+
+    monkeypatch.setattr("mammofl.cli._wait_for_old_keys_last_users", lambda: None)
+    real, wrong, database = tmp_path / "real.json", tmp_path / "wrong.json", tmp_path / "store.db"
+    create_key(real)
+    create_key(wrong)
+    with SQLiteImageStore(database, load_keyring(real)) as store:
+        store.put("site-a", b"image" * 100)
+    before = wrong.read_bytes()
+
+    assert main(["store", "purge", "--sqlite", str(database), "--keyring", str(wrong)]) == 2
+
+    error = capsys.readouterr().err
+    assert "1 image(s)" in error and "is it the service's keyring? Nothing was changed" in error
+    assert wrong.read_bytes() == before
+
+
 def test_a_rotation_while_the_service_runs_loses_no_image(tmp_path, capsys, monkeypatch):
     # Before: the running service kept its start-up keyring, so re-wrapped images answered
     # WrongKeyError and new uploads were wrapped with the key just destroyed.

@@ -246,6 +246,14 @@ class ImageStore(ABC):
             rewrapped += self._replace_key(record, new_key)
         return rewrapped
 
+    def count_unwrappable(self) -> tuple[int, int]:
+        """(images whose data key this keyring cannot unwrap, images not wrapped by its active key)."""
+        unknown = total = 0
+        for record in self._records_not_wrapped_by(self._keyring.active_key_id):
+            total += 1
+            unknown += record.key_id not in self._keyring.key_ids
+        return unknown, total
+
     def close(self) -> None:
         """Releases connections; the store is unusable afterwards."""
 
