@@ -12,8 +12,9 @@ attribute is kept only when it is known to be safe (an allow-list, not a deny-li
   IOD requires them (Type 2/1);
 - free text an option keeps cleaned (descriptions and comments under Clean Descriptors, SR text
   under Clean Structured Content, free-text characteristics such as Allergies under Retain Patient
-  Characteristics) keeps only words of the safe vocabulary (`anonymize.vocabulary`); the summary
-  counts the words replaced per attribute;
+  Characteristics) keeps only words of the safe vocabulary (`anonymize.vocabulary`), and so does
+  the meaning of a code from a private "99..." coding scheme (a local system's free text); the
+  summary counts the words replaced per attribute;
 - private attributes are removed unless on the safe-private allow-list; 50xx curves and 60xx
   overlays are removed whole; anything pydicom cannot name is removed.
 
@@ -380,7 +381,7 @@ def _apply(walk: _Walk, ds: Dataset, elem: DataElement, action: str, path: str, 
     elif action == DUMMY or action == UID:
         _collect(walk, elem)
         elem.value = _dummy(elem)
-    elif action == CLEAN and _is_prose(walk, elem):
+    elif action == CLEAN and (_is_prose(walk, elem) or _is_local_code_meaning(ds, elem)):
         _clean_prose(walk, elem, path)
     elif action == CLEAN and elem.VR in ("DA", "DT") and walk.date_shift is not None and elem.value not in (None, ""):
         _collect(walk, elem)
@@ -397,6 +398,14 @@ def _is_prose(walk: _Walk, elem: DataElement) -> bool:
     if elem.VR not in FREE_TEXT_VRS or elem.tag.is_private or elem.keyword in NOT_PROSE:
         return False
     return walk.profile.rule_for(elem.tag) is not None or elem.keyword in STRUCTURED_TEXT
+
+
+def _is_local_code_meaning(ds: Dataset, elem: DataElement) -> bool:
+    """The meaning of a code from a private coding scheme (designator "99...", PS3.16 8.2): a
+    local system's free text, not a standard's vocabulary, so it is cleaned like a descriptor."""
+    if elem.keyword != "CodeMeaning":
+        return False
+    return str(ds.get("CodingSchemeDesignator", "") or "").upper().startswith("99")
 
 
 def _clean_prose(walk: _Walk, elem: DataElement, path: str) -> None:

@@ -32,6 +32,7 @@ from common.data.synthetic_dicom import synthesize_dataset
 from tests.fixtures.anonymize_canaries import (
     CANARIES,
     FREE_TEXT,
+    LOCAL_CODE_MEANING,
     NESTED_FREE_TEXT,
     PHI_WORDS,
     plant_canaries,
@@ -62,6 +63,8 @@ PLANTED = {
 def free_text_planted(word: str) -> str:
     """The attribute whose free text (and no other attribute) holds `word`."""
     where = [keyword for keyword, text in {**FREE_TEXT, **NESTED_FREE_TEXT}.items() if word in text]
+    if word in LOCAL_CODE_MEANING:
+        return "only in a nested Code Meaning of a local (99...) coding scheme"
     nested = " (nested)" if where and where[0] in NESTED_FREE_TEXT else ""
     return f"only in {', '.join(where)}{nested}"
 
@@ -163,8 +166,8 @@ canary's bytes are still somewhere in the output file (case-insensitive search o
 The first 29 rows are one file with a canary in every place PHI hides; the rest are one file
 whose free text (Image Comments, Study Description, Patient Comments, Derivation Description,
 Frame Comments, Additional Patient History, Allergies, and a nested Requested Procedure
-Description and Reason for the Requested Procedure) holds names, numbers, dates and an address
-that no other attribute holds.
+Description and Reason for the Requested Procedure, and the meaning of a code from a local
+coding scheme) holds names, numbers, dates and an address that no other attribute holds.
 
 """
 FOOTER = """

@@ -133,11 +133,15 @@ def test_mammography_attributes_without_identity_are_kept(canary_file: Path) -> 
     assert result.PixelData == original.PixelData
 
 
-def test_by_default_descriptors_are_removed_and_coded_text_is_scrubbed(canary_file: Path) -> None:
+def test_by_default_descriptors_are_removed_and_local_code_meanings_cleaned(canary_file: Path) -> None:
     _, summary, result = deidentify(canary_file)
     assert "SeriesDescription" not in result and "ImageComments" not in result
-    nested = result.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].PurposeOfReferenceCodeSequence[0]
-    assert nested.CodeMeaning == "seen by ********* **********"
+    modifier = result.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0]
+    nested = modifier.PurposeOfReferenceCodeSequence[0]
+    assert nested.CodingSchemeDesignator == "99LOCAL" and nested.CodeMeaning == "[removed] by [removed]"
+    assert modifier.CodeMeaning == "[removed]"  # a local scheme's meaning keeps vocabulary words only
+    # A standard scheme's meaning (CPT here) is coded vocabulary, kept as it is.
+    assert result.ProcedureCodeSequence[0].CodeMeaning == "Screening mammography, bilateral"
     assert nested.PersonName == "ANONYMIZED"
     assert summary.actions["(0008,103E)"] == "X"
 
