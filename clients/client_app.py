@@ -14,6 +14,7 @@ Settings come from the run config (``config-json``: the experiment config itself
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,8 +61,30 @@ class Site:
     limits: SiteLimits = SiteLimits()
 
 
+_LOADED_SITES: dict[tuple[int, str, str], Site] = {}
+LOADED_SITES_KEPT = 4
+
+
 def load_site(context: Context, settings: AppSettings | None) -> Site:
-    """The site this SuperNode is, from its node config and the run's settings."""
+    """The site this SuperNode is, from its node config and the run's settings.
+
+    A deployed site's long-lived worker (`clients.site_worker`) serves every message of a run:
+    the site's records and the de-identification gate's verdict are loaded once per run and
+    node config, not once per message.
+    """
+    if settings is not None or "data-dir" not in context.node_config:
+        return _load_site(context, settings)
+    key = (context.run_id, json.dumps(dict(context.node_config), sort_keys=True),
+           json.dumps(dict(context.run_config), sort_keys=True))
+    site = _LOADED_SITES.get(key)
+    if site is None:
+        site = _LOADED_SITES[key] = _load_site(context, settings)
+        while len(_LOADED_SITES) > LOADED_SITES_KEPT:
+            _LOADED_SITES.pop(next(iter(_LOADED_SITES)))
+    return site
+
+
+def _load_site(context: Context, settings: AppSettings | None) -> Site:
     config = app_config(context.run_config, settings)
     run_dir = resolve_app_settings(context.run_config, context.run_id, settings, config.tracking.runs_dir).run_dir
     node = context.node_config

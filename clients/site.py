@@ -107,6 +107,7 @@ def site_environment(node: SiteNode) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(node.state_dir.resolve() / "flwr")
+    env["FLWR_TELEMETRY_ENABLED"] = "0"  # nothing leaves the site; no process waits at exit to send it
     return env
 
 

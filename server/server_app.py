@@ -35,6 +35,7 @@ from common.runs import AppSettings, RunDirectory, app_config, resolve_app_setti
 from common.training import evaluate, seed_everything, select_device
 from server.compression import check_compression, compress_run
 from server.privacy_ledger import PrivacyLedger, write_report
+from server.prompt_grid import PromptGrid
 from server.strategy import build_strategy, kept_where_unchanged
 
 RoundObserver = Callable[[int, dict[str, Any], list[dict[str, Any]]], None]
@@ -232,6 +233,7 @@ def make_server_app(settings: AppSettings | None = None, *, observer: RoundObser
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        grid = PromptGrid(grid)  # replies as they arrive, not at Flower's 3 s polling steps
         resolved = settings_for(context, settings)
         config = app_config(context.run_config, settings)
         seed_everything(config.seed)

@@ -245,6 +245,15 @@ def test_a_two_round_dp_run_completes_with_every_site_and_the_simulation_layout(
 
 
 @pytest.mark.slow
+def test_every_message_of_a_deployed_site_was_served_by_its_long_lived_worker(federation, first_run):
+    for site_id in SITES:
+        logs = list((federation.state_dir(site_id) / "workers").glob("*.log"))
+        served = sum(log.read_text().count("message answered") for log in logs)
+        assert served >= 2, f"{site_id}: its worker answered {served} messages"  # both rounds' train messages
+        assert "running the ClientApp in this process" not in federation.log(site_id).read_text()
+
+
+@pytest.mark.slow
 def test_the_ledger_equals_what_each_site_state_on_disk_says(federation, first_run):
     run, config_path = first_run
     last_epsilon = {row["site"]: row["epsilon"] for row in ledger_rows(run)}

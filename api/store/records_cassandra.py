@@ -22,19 +22,21 @@ class CassandraServiceRecords(ServiceRecords):
     def __init__(self, store: CassandraImageStore) -> None:
         self._store = store
         session, keyspace = store.session, store.settings.keyspace
-        with store.driver_errors("create the api_keys and predictions tables"):
-            session.execute(f"""CREATE TABLE IF NOT EXISTS {keyspace}.api_keys (
-                key_id text PRIMARY KEY, site_id text, role text, name text, key_hash text, created_at timestamp,
-                expires_at timestamp, revoked_at timestamp, last_used_at timestamp)""")
+        store.execute_schema(f"""CREATE TABLE IF NOT EXISTS {keyspace}.api_keys (
+            key_id text PRIMARY KEY, site_id text, role text, name text, key_hash text, created_at timestamp,
+            expires_at timestamp, revoked_at timestamp, last_used_at timestamp)""", "create the api_keys table")
+        with store.driver_errors("read the api_keys table's columns"):
             present = {row.column_name for row in session.execute(
                 "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'api_keys'",
                 (keyspace,))}
-            for column in ADDED_KEY_COLUMNS:
-                if column not in present:
-                    session.execute(f"ALTER TABLE {keyspace}.api_keys ADD {column} timestamp")
-            session.execute(f"""CREATE TABLE IF NOT EXISTS {keyspace}.predictions (
-                site_id text, image_id uuid, created_at timestamp, prediction_id uuid, document text,
-                PRIMARY KEY ((site_id, image_id), created_at, prediction_id))""")
+        for column in ADDED_KEY_COLUMNS:
+            if column not in present:
+                store.execute_schema(f"ALTER TABLE {keyspace}.api_keys ADD {column} timestamp",
+                                     f"add column {column} to the api_keys table")
+        store.execute_schema(f"""CREATE TABLE IF NOT EXISTS {keyspace}.predictions (
+            site_id text, image_id uuid, created_at timestamp, prediction_id uuid, document text,
+            PRIMARY KEY ((site_id, image_id), created_at, prediction_id))""", "create the predictions table")
+        with store.driver_errors("prepare the api_keys and predictions statements"):
             self._insert_key = session.prepare(
                 f"INSERT INTO {keyspace}.api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             self._select_key = session.prepare(f"SELECT {KEY_COLUMNS} FROM {keyspace}.api_keys WHERE key_id = ?")

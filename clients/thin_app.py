@@ -1,0 +1,169 @@
+"""The ClientApp Flower loads: imports nothing but Flower, forwards every message to the site worker.
+
+Flower 1.32 runs a new ``flwr-clientapp`` process per message; this app keeps that process
+cheap. On a deployed site (a SuperNode whose node config names its ``state-dir``, as ``mammofl
+site run`` starts it) it hands the message and context to the site's long-lived worker
+(`clients.site_worker`), starting one for this app version if none answers, and returns the
+worker's reply with the context's state brought back (SecAgg+ keeps its keys there between
+messages). The worker lives as long as the SuperNode this process descends from. Anywhere else
+-- ``flwr run`` simulations, a platform without /proc -- and whenever the worker cannot be
+started, it runs the real ClientApp (`clients.client_app`) in this process, as before: the
+worker is a speed-up, never a dependency.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from hashlib import sha256
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.worker_protocol import ProtocolError, decode_recorddict, encode_call, receive_frame, send_frame
+
+logger = logging.getLogger("mammofl.thin_app")
+SITE_PID_ENV = "MAMMOFL_SITE_PID"
+WORKER_START_TIMEOUT_S = 300.0
+CONNECT_TIMEOUT_S = 5.0
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+class WorkerUnavailable(Exception):
+    """No worker could be reached or started: the message is run in this process instead."""
+
+
+class WorkerFailed(RuntimeError):
+    """The real ClientApp raised in the worker (its type and message, as it would have here)."""
+
+
+class ForwardingClientApp(ClientApp):
+    """A ClientApp whose every message, of any type, goes to the site worker."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        try:
+            return forward(message, context)
+        except WorkerUnavailable as reason:
+            logger.warning("site worker unavailable (%s); running the ClientApp in this process", reason)
+            from clients.client_app import app as client_app
+
+            return client_app(message, context)
+
+
+def worker_files(state_dir: Path) -> tuple[Path, Path]:
+    """(info file, log file) of this app version's worker in the site's state folder."""
+    key = sha256(str(APP_DIR).encode("utf-8")).hexdigest()[:16]
+    folder = state_dir / "workers"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder / f"{key}.json", folder / f"{key}.log"
+
+
+def supernode_pid() -> int | None:
+    """The ``flower-supernode`` process this ClientApp process descends from (Linux /proc), or the
+    pid in ``MAMMOFL_SITE_PID``; None when there is neither."""
+    if os.environ.get(SITE_PID_ENV, "").isdigit():
+        return int(os.environ[SITE_PID_ENV])
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        if any(part.endswith(b"flower-supernode") for part in command[:2]):
+            return pid
+        if parent <= 1:
+            return None
+        pid = parent
+    return None
+
+
+def forward(message: Message, context: Context) -> Message:
+    state_dir = context.node_config.get("state-dir")
+    if state_dir is None:
+        raise WorkerUnavailable("not a deployed site (no state-dir in the node config)")
+    site_pid = supernode_pid()
+    if site_pid is None:
+        raise WorkerUnavailable("no SuperNode process above this one to tie a worker's life to")
+    info_path, log_path = worker_files(Path(str(state_dir)))
+    info = _running_worker(info_path, site_pid) or _start_worker(info_path, log_path, site_pid)
+    header, buffers = encode_call(message, context)
+    try:
+        with socket.create_connection(("127.0.0.1", info["port"]), timeout=CONNECT_TIMEOUT_S) as connection:
+            connection.settimeout(None)  # a round of training takes as long as it takes
+            send_frame(connection, {"token": info["token"], **header}, buffers)
+            answer, answer_buffers = receive_frame(connection)
+    except (OSError, ProtocolError) as error:
+        raise WorkerUnavailable(f"{type(error).__name__}: {error}") from error
+    if "error" in answer:
+        raise WorkerFailed(f"{answer['error']['type']}: {answer['error']['message']}")
+    context.state = decode_recorddict(answer["state"], answer_buffers)
+    return Message(decode_recorddict(answer["content"], answer_buffers), reply_to=message)
+
+
+def _running_worker(info_path: Path, site_pid: int) -> dict | None:
+    """The worker of this app version and this SuperNode, when it runs (a worker of a SuperNode
+    that was killed and restarted is on its way out and is not used)."""
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if info.get("site_pid") == site_pid else None
+
+
+def _start_worker(info_path: Path, log_path: Path, site_pid: int) -> dict:
+    """Starts this app version's worker (one at a time: a lock beside its info file) and waits until it listens."""
+    with open(info_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = _running_worker(info_path, site_pid)
+        if info is not None:
+            return info
+        _wait_for_predecessor(info_path)
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APP_DIR), os.environ.get("PYTHONPATH", "")])}
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "clients.site_worker", "--app-dir", str(APP_DIR), "--info", str(info_path),
+                 "--site-pid", str(site_pid)],
+                cwd=APP_DIR, env=environment, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)  # outlives this ClientApp process; stops with the site
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise WorkerUnavailable(f"the worker exited with {process.returncode} on start; see {log_path}")
+            info = _running_worker(info_path, site_pid)
+            if info is not None:
+                return info
+            time.sleep(0.05)
+        process.kill()
+        raise WorkerUnavailable(f"the worker did not listen within {WORKER_START_TIMEOUT_S:.0f} s; see {log_path}")
+
+
+def _wait_for_predecessor(info_path: Path, timeout_s: float = 10.0) -> None:
+    """A worker of a killed SuperNode stops within a second (it watches that SuperNode); wait for
+    it, so that two workers never write the site's privacy state at once."""
+    try:
+        pid = int(json.loads(info_path.read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        info_path.unlink(missing_ok=True)
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise WorkerUnavailable(f"the previous worker {pid} has not stopped")
+    info_path.unlink(missing_ok=True)
+
+
+app = ForwardingClientApp()
