@@ -44,9 +44,9 @@ from common.data.records import ImageRecord
 from common.losses import build_loss
 from common.models.classifier import build_classifier
 from common.runs import UNIT_WEIGHT, AppSettings, app_config, resolve_app_settings
+from common.site_report import REFUSED, TRAINED, SiteReport
 from common.training import evaluate, seed_everything, select_device
 
-STATUS_TRAINED, STATUS_REFUSED = "trained", "refused"
 
 
 @dataclass(frozen=True)
@@ -163,26 +163,20 @@ def train_locally(site: Site, model: torch.nn.Module, server_round: int, *,
             budget_bound=budget_bound,
         )
     except SiteRefusal as refusal:
-        spent = {"epsilon": privacy_state.spent_epsilon} if privacy_state is not None else {}
-        return ({"num-examples": 0, UNIT_WEIGHT: 1, **spent},
-                {"site-id": site.site_id, "status": STATUS_REFUSED, "reason": str(refusal)})
-    metrics = {"num-examples": result.num_examples, UNIT_WEIGHT: 1}
+        spent = privacy_state.spent_epsilon if privacy_state is not None else None
+        metrics, privacy = SiteReport(site.site_id, REFUSED, epsilon=spent, reason=str(refusal)).wire()
+        return {**metrics, UNIT_WEIGHT: 1}, privacy
+    dp = result.privacy
+    report = SiteReport(site.site_id, TRAINED, images=result.num_examples)
+    if dp is not None:
+        report = replace(report, steps=dp.steps, sample_rate=dp.sample_rate, noise_multiplier=dp.noise_multiplier,
+                         max_grad_norm=dp.max_grad_norm, epsilon=dp.epsilon, delta=dp.delta,
+                         budget_epsilon=dp.budget_epsilon, accountant=dp.accountant, budget_bound=dp.budget_bound,
+                         unit=dp.unit)
+    metrics, privacy = report.wire()
+    metrics[UNIT_WEIGHT] = 1
     if result.train_loss is not None:
         metrics["train_loss"] = result.train_loss
-    privacy = {"site-id": site.site_id, "status": STATUS_TRAINED}
-    if result.privacy is not None:
-        metrics |= {
-            "steps": result.privacy.steps,
-            "sample_rate": result.privacy.sample_rate,
-            "noise_multiplier": result.privacy.noise_multiplier,
-            "max_grad_norm": result.privacy.max_grad_norm,
-            "epsilon": result.privacy.epsilon,
-            "delta": result.privacy.delta,
-            "budget_epsilon": result.privacy.budget_epsilon,
-        }
-        privacy["accountant"] = result.privacy.accountant
-        privacy["budget-bound"] = result.privacy.budget_bound
-        privacy["unit"] = result.privacy.unit
     return metrics, privacy
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import secrets
@@ -139,14 +140,20 @@ def app_config(run_config: dict, explicit: AppSettings | None) -> ExperimentConf
     if explicit is not None:
         return load_config(explicit.config_path)
     if str(run_config.get(CONFIG_JSON, "")):  # "" (the app's default) means not given
-        try:
-            raw = json.loads(str(run_config[CONFIG_JSON]))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"run config {CONFIG_JSON!r}: not JSON ({exc.msg} at character {exc.pos})") from None
-        return parse_config(raw, source=f"run config {CONFIG_JSON!r}")
+        return _config_from_json(str(run_config[CONFIG_JSON]))
     if "config-path" not in run_config:
         raise ConfigError(f"the run config names no experiment config: give {CONFIG_JSON!r} or 'config-path'")
     return load_config(Path(str(run_config["config-path"])))
+
+
+@functools.lru_cache(maxsize=8)
+def _config_from_json(text: str) -> ExperimentConfig:
+    """Parsed once per run config (a site worker serves many messages of one run; configs are frozen)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"run config {CONFIG_JSON!r}: not JSON ({exc.msg} at character {exc.pos})") from None
+    return parse_config(raw, source=f"run config {CONFIG_JSON!r}")
 
 
 def resolve_app_settings(run_config: dict, run_id: int, explicit: AppSettings | None, runs_dir: Path) -> AppSettings:

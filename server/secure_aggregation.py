@@ -58,6 +58,7 @@ from flwr.serverapp import Grid
 from common.config import ExperimentConfig, FederationConfig
 from common.errors import ConfigError
 from common.runs import RunDirectory
+from common.site_report import REFUSED, SiteReport
 from server.server_app import Federation, RoundObserver, RoundReplies, UpdateObserver, ledger_row
 from server.strategy import sampled_per_round
 
@@ -147,7 +148,7 @@ class RoundRecorder(Strategy):
 
     @staticmethod
     def trained(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
-        return [(proxy, fit_res) for proxy, fit_res in results if fit_res.metrics.get("status") != "refused"]
+        return [(proxy, fit_res) for proxy, fit_res in results if fit_res.metrics.get("status") != REFUSED]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
@@ -158,9 +159,9 @@ class RoundRecorder(Strategy):
     def record_failures(self, server_round: int, answered: set[int], reason: str) -> None:
         for node_id in self.sampled:
             if node_id not in answered:
-                self.replies.ledger_rows.append({
-                    "site": self.site_of_node.get(node_id, f"node-{node_id}"), "round": server_round,
-                    "status": "failed", "reason": f"dropped out of the SecAgg+ round ({reason or 'no reply'})"})
+                site = self.site_of_node.get(node_id, f"node-{node_id}")
+                self.replies.ledger_rows.append(SiteReport.failed(
+                    site, server_round, f"dropped out of the SecAgg+ round ({reason or 'no reply'})").ledger_row())
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:

@@ -32,6 +32,7 @@ from common.models.classifier import load_checkpoint, save_checkpoint
 from common.models.configured import classifier_from_config
 from common.models.transfer import require_site_free_weights
 from common.runs import AppSettings, RunDirectory, app_config, resolve_app_settings
+from common.site_report import REFUSED, STATUSES, SiteReport
 from common.training import evaluate, seed_everything, select_device
 from server.compression import check_compression, compress_run
 from server.privacy_ledger import PrivacyLedger, write_report
@@ -60,7 +61,7 @@ class RoundReplies:
     @property
     def counts(self) -> dict[str, int]:
         statuses = [row["status"] for row in self.ledger_rows]
-        return {f"sites_{status}": statuses.count(status) for status in ("trained", "refused", "failed")}
+        return {f"sites_{status}": statuses.count(status) for status in STATUSES}
 
 
 def sort_replies(server_round: int, replies: list[Message], site_of_node: dict[int, str]) -> RoundReplies:
@@ -69,30 +70,20 @@ def sort_replies(server_round: int, replies: list[Message], site_of_node: dict[i
     for reply in replies:
         node_id = reply.metadata.src_node_id
         if reply.has_error():
-            outcome.ledger_rows.append({"site": site_of_node.get(node_id, f"node-{node_id}"), "round": server_round,
-                                        "status": "failed", "reason": reply.error.reason[:200]})
+            site = site_of_node.get(node_id, f"node-{node_id}")
+            outcome.ledger_rows.append(SiteReport.failed(site, server_round, reply.error.reason).ledger_row())
             continue
-        row = ledger_row(server_round, reply.content["metrics"], reply.content["privacy"])
-        site_of_node[node_id] = row["site"]
-        if row["status"] != "refused":
+        report = SiteReport.from_wire(server_round, reply.content["metrics"], reply.content["privacy"])
+        site_of_node[node_id] = report.site
+        if report.status != REFUSED:
             outcome.trained.append(reply)
-        outcome.ledger_rows.append(row)
+        outcome.ledger_rows.append(report.ledger_row())
     return outcome
 
 
 def ledger_row(server_round: int, metrics: Mapping[str, Any], privacy: Mapping[str, Any]) -> dict[str, Any]:
-    """The privacy ledger's row for one site's reply: its privacy record and accounting metrics."""
-    row = {"site": str(privacy["site-id"]), "round": server_round, "status": str(privacy["status"])}
-    row |= {key: metrics[key] for key in ("steps", "sample_rate", "noise_multiplier", "max_grad_norm",
-                                          "epsilon", "delta", "budget_epsilon") if key in metrics}
-    if row["status"] == "trained" and "num-examples" in metrics:
-        row["images"] = int(metrics["num-examples"])  # as the site reported it (the aggregate's weight)
-    for key in ("accountant", "budget-bound", "unit"):
-        if key in privacy:
-            row[key.replace("-", "_")] = str(privacy[key])
-    if row["status"] == "refused":
-        row["reason"] = str(privacy["reason"])
-    return row
+    """The privacy ledger's row for one site's reply (`SiteReport`)."""
+    return SiteReport.from_wire(server_round, metrics, privacy).ledger_row()
 
 
 class Federation:

@@ -1,0 +1,79 @@
+"""Flower's SuperNode and SuperExec, started with their idle waits shortened.
+
+Flower 1.32 hard-codes the waits on a deployed site's message path: the SuperNode sleeps 3 s
+after a pull that found no message and 0.5 s while it waits for a reply to push, and the
+SuperExec it starts polls for tasks every 1 s. On a loopback federation that is most of a
+round. ``python -m clients.flower_processes supernode ARGS`` runs Flower's own
+``flower-supernode`` with those modules' ``time.sleep`` capped at `POLL_S` (and the SuperExec
+it starts the same way); nothing else changes. It reaches into two private Flower modules, so
+the Flower version is pinned and `tests/test_flower_contract.py` fails loudly when either
+module changes the waits it relies on.
+
+It also puts its own pid in ``MAMMOFL_SITE_PID``, which the SuperExec and every ClientApp
+process inherit: the thin ClientApp ties the site worker's life to it (`clients.thin_app`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+POLL_S = 0.1
+SITE_PID_ENV = "MAMMOFL_SITE_PID"
+
+
+class _PromptTime:
+    """`time` as the patched module sees it: every sleep at most `POLL_S`."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, POLL_S))
+
+
+class _SubprocessLaunchingPromptSuperExec:
+    """`subprocess` as the SuperNode sees it: its ``flower-superexec`` starts through this module."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(command, *args, **kwargs):  # noqa: N802 - the name the SuperNode calls
+        if command and command[0] == "flower-superexec":
+            command = [sys.executable, "-m", "clients.flower_processes", "superexec", *command[1:]]
+        return subprocess.Popen(command, *args, **kwargs)
+
+
+def supernode(arguments: list[str]) -> None:
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli import flower_supernode
+
+    os.environ[SITE_PID_ENV] = str(os.getpid())
+    start_client_internal.time = _PromptTime()
+    start_client_internal.subprocess = _SubprocessLaunchingPromptSuperExec()
+    sys.argv = ["flower-supernode", *arguments]
+    flower_supernode()
+
+
+def superexec(arguments: list[str]) -> None:
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.superexec import run_superexec
+
+    run_superexec.time = _PromptTime()
+    sys.argv = ["flower-superexec", *arguments]
+    flower_superexec()
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("supernode", "superexec"):
+        sys.exit("usage: python -m clients.flower_processes supernode|superexec ARGS...")
+    {"supernode": supernode, "superexec": superexec}[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
