@@ -104,6 +104,7 @@ def deployment(root: Path, rounds: int, sites: list[str], variants: list[bool]) 
     from clients.site import (
         SiteNode,
         prepare_state_dir,
+        shared_machine_threads,
         site_environment,
         supernode_command,
     )
@@ -133,7 +134,7 @@ def deployment(root: Path, rounds: int, sites: list[str], variants: list[bool]) 
             node = SiteNode(site_id=site_id, data_dir=root / "data" / site_id, state_dir=folder / "state" / site_id,
                             superlink=relays[site_id].address, root_certificates=tls.ca_certificate,
                             auth_private_key=keys.private_key, clientappio_address=f"127.0.0.1:{free_port()}",
-                            budget_epsilon=1000.0)
+                            budget_epsilon=1000.0, cpu_threads=shared_machine_threads(len(sites)))
             prepare_state_dir(node)
             processes.append(spawn(supernode_command(node), folder / "logs" / f"{site_id}.log", env=site_environment(node)))
         for secure in variants:

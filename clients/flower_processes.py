@@ -56,6 +56,7 @@ def supernode(arguments: list[str]) -> None:
     os.environ[SITE_PID_ENV] = str(os.getpid())
     start_client_internal.time = _PromptTime()
     start_client_internal.subprocess = _SubprocessLaunchingPromptSuperExec()
+    print(f"mammofl: SuperNode {os.getpid()} with idle waits of at most {POLL_S} s", file=sys.stderr, flush=True)
     sys.argv = ["flower-supernode", *arguments]
     flower_supernode()
 
@@ -65,6 +66,7 @@ def superexec(arguments: list[str]) -> None:
     from flwr.supercore.superexec import run_superexec
 
     run_superexec.time = _PromptTime()
+    print(f"mammofl: SuperExec {os.getpid()} polling every {POLL_S} s", file=sys.stderr, flush=True)
     sys.argv = ["flower-superexec", *arguments]
     flower_superexec()
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.cbis import load_cbis_ddsm
+
+SITE_THREADS_ENV = "MAMMOFL_SITE_THREADS"
 from common.errors import ConfigError, DataError
 
 
@@ -53,6 +55,9 @@ class SiteNode:
     privacy_unit: str = "image"
     clientappio_address: str = "127.0.0.1:9094"
     deidentification_secret: Path | None = None
+    # Threads the site worker's PyTorch may use (None: all cores). Sites sharing one machine (the
+    # loopback demo, the benchmark) split the cores, as one process simulating them all does.
+    cpu_threads: int | None = None
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what ``load_site`` reads in the ClientApp."""
@@ -109,7 +114,14 @@ def site_environment(node: SiteNode) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(node.state_dir.resolve() / "flwr")
     env["FLWR_TELEMETRY_ENABLED"] = "0"  # nothing leaves the site; no process waits at exit to send it
+    if node.cpu_threads is not None:
+        env[SITE_THREADS_ENV] = str(node.cpu_threads)
     return env
+
+
+def shared_machine_threads(sites: int) -> int:
+    """Threads per site when `sites` site processes share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, sites))
 
 
 def run_site(node: SiteNode) -> int:

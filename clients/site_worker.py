@@ -72,6 +72,12 @@ def serve(app_dir: Path, info_path: Path, site_pid: int, idle_timeout_s: float) 
     sys.path.insert(0, str(app_dir))
     from clients.client_app import app as client_app  # the heavy imports, once
 
+    threads = os.environ.get("MAMMOFL_SITE_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))  # a share of a machine other sites use too
+
     token = secrets.token_hex(32)
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(ACCEPT_POLL_S)

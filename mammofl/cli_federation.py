@@ -110,6 +110,7 @@ def _start_local_sites(deployment, config_path: Path, tls, processes: list) -> N
     from clients.site import (
         SiteNode,
         prepare_state_dir,
+        shared_machine_threads,
         site_environment,
         supernode_command,
     )
@@ -136,7 +137,8 @@ def _start_local_sites(deployment, config_path: Path, tls, processes: list) -> N
                         superlink=deployment.fleet_address, root_certificates=tls.ca_certificate if tls else None,
                         auth_private_key=keys.private_key if deployment.node_auth else None,
                         clientappio_address=f"127.0.0.1:{free_port()}",
-                        deidentification_secret=config.data.deidentification_secret)
+                        deidentification_secret=config.data.deidentification_secret,
+                        cpu_threads=shared_machine_threads(len(sites)))
         prepare_state_dir(node)
         processes.append(spawn(supernode_command(node), deployment.folder / "sites" / site_id / "supernode.log",
                                env=site_environment(node)))
