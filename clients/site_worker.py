@@ -68,7 +68,8 @@ def write_info(path: Path, info: dict) -> None:
     os.replace(temporary, path)
 
 
-def serve(app_dir: Path, info_path: Path, site_pid: int, idle_timeout_s: float) -> int:
+def serve(app_dir: Path, info_path: Path, site_pid: int, idle_timeout_s: float,
+          request_timeout_s: float = 60.0) -> int:
     sys.path.insert(0, str(app_dir))
     from clients.client_app import app as client_app  # the heavy imports, once
 
@@ -98,7 +99,7 @@ def serve(app_dir: Path, info_path: Path, site_pid: int, idle_timeout_s: float) 
             except TimeoutError:
                 continue
             with connection:
-                _answer(connection, client_app, token)
+                _answer(connection, client_app, token, request_timeout_s)
             last_call = time.monotonic()
     finally:
         server.close()
@@ -116,8 +117,10 @@ def _exit_with_the_site(site_pid: int) -> None:
     os._exit(0)
 
 
-def _answer(connection: socket.socket, client_app, token: str) -> None:
-    connection.settimeout(None)
+def _answer(connection: socket.socket, client_app, token: str, request_timeout_s: float) -> None:
+    # The thin app sends its whole request at once: a caller that sends nothing (or dribbles)
+    # must not hold the site's only worker.
+    connection.settimeout(request_timeout_s)
     try:
         header, buffers = receive_frame(connection)
     except (ProtocolError, OSError, ValueError) as error:
@@ -126,6 +129,7 @@ def _answer(connection: socket.socket, client_app, token: str) -> None:
     if not hmac.compare_digest(str(header.get("token", "")), token):
         logger.warning("a caller without the worker's token was refused")
         return
+    connection.settimeout(None)  # a round of training takes as long as it takes
     started = time.perf_counter()
     try:
         message, context = decode_call(header, buffers)
@@ -158,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--info", type=Path, required=True)
     parser.add_argument("--site-pid", type=int, required=True)
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S)
+    parser.add_argument("--request-timeout", type=float, default=60.0,
+                        help="seconds a caller has to send its whole request (default 60)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(args.app_dir, args.info, args.site_pid, args.idle_timeout)
+    return serve(args.app_dir, args.info, args.site_pid, args.idle_timeout, args.request_timeout)
 
 
 if __name__ == "__main__":

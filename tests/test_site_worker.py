@@ -83,7 +83,8 @@ def worker(tmp_path):
     info = tmp_path / "worker.json"
     log = (tmp_path / "worker.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "clients.site_worker", "--app-dir", str(REPO), "--info",
-                                str(info), "--site-pid", str(site.pid)], cwd=REPO, stdout=log, stderr=log)
+                                str(info), "--site-pid", str(site.pid), "--request-timeout", "2"],
+                               cwd=REPO, stdout=log, stderr=log)
     deadline = time.monotonic() + 120
     while not info.is_file():
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
@@ -113,6 +114,25 @@ def test_the_worker_answers_only_its_token_holder_and_reports_the_apps_errors(wo
     answer, _ = call(info, info["token"], query, context)
 
     assert answer["error"]["type"] == "ValueError" and "No query function registered" in answer["error"]["message"]
+
+
+def test_a_caller_that_sends_nothing_does_not_hold_the_worker(worker):
+    info, _, _, _ = worker
+    message, context = a_message()
+    query = Message(RecordDict(), dst_node_id=11, message_type="query")
+    idle = socket.create_connection(("127.0.0.1", info["port"]), timeout=5)  # connects, sends nothing
+
+    answer, _ = call_within(info, query, context, seconds=30)
+
+    assert answer["error"]["type"] == "ValueError"
+    idle.close()
+
+
+def call_within(info: dict, message: Message, context: Context, *, seconds: float):
+    header, buffers = encode_call(message, context)
+    with socket.create_connection(("127.0.0.1", info["port"]), timeout=seconds) as connection:
+        send_frame(connection, {"token": info["token"], **header}, buffers)
+        return receive_frame(connection)
 
 
 def test_the_worker_stops_at_once_when_its_supernode_is_gone(worker):
