@@ -19,10 +19,26 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 POLL_S = 0.1
-SITE_PID_ENV = "MAMMOFL_SITE_PID"
+SITE_PID_ENV = "MAMMOFL_SITE_PID"  # the SuperNode's pid: the site worker lives as long as it
+SITE_THREADS_ENV = "MAMMOFL_SITE_THREADS"  # PyTorch threads of the site worker (unset: all cores)
+
+
+def flower_environment(flwr_home: Path) -> dict[str, str]:
+    """The environment of a Flower process we start: this one's binaries first, its own Flower home.
+
+    Flower starts ``flower-superexec`` and the App processes by name, and installs each run's
+    app bundle under ``FLWR_HOME``; a deployment keeps that in its own folder, not in ``~/.flwr``.
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home)
+    # Nothing leaves the machine, and no process waits up to 4 s at exit to try sending it.
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    return env
 
 
 class _PromptTime:

@@ -32,9 +32,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.flower_processes import SITE_THREADS_ENV, flower_environment
 from common.data.cbis import load_cbis_ddsm
-
-SITE_THREADS_ENV = "MAMMOFL_SITE_THREADS"
 from common.errors import ConfigError, DataError
 
 
@@ -110,10 +109,7 @@ def prepare_state_dir(node: SiteNode) -> Path:
 def site_environment(node: SiteNode) -> dict[str, str]:
     """The SuperNode's environment: this one's binaries first (Flower starts its SuperExec and
     ClientApp processes by name) and a Flower home inside the site's state folder."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_HOME"] = str(node.state_dir.resolve() / "flwr")
-    env["FLWR_TELEMETRY_ENABLED"] = "0"  # nothing leaves the site; no process waits at exit to send it
+    env = flower_environment(node.state_dir.resolve() / "flwr")
     if node.cpu_threads is not None:
         env[SITE_THREADS_ENV] = str(node.cpu_threads)
     return env

@@ -35,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from clients.flower_processes import SITE_THREADS_ENV
 from clients.worker_protocol import (
     ProtocolError,
     decode_call,
@@ -73,7 +74,7 @@ def serve(app_dir: Path, info_path: Path, site_pid: int, idle_timeout_s: float,
     sys.path.insert(0, str(app_dir))
     from clients.client_app import app as client_app  # the heavy imports, once
 
-    threads = os.environ.get("MAMMOFL_SITE_THREADS", "")
+    threads = os.environ.get(SITE_THREADS_ENV, "")
     if threads.isdigit() and int(threads) > 0:
         import torch
 

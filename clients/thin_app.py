@@ -1,14 +1,14 @@
 """The ClientApp Flower loads: imports nothing but Flower, forwards every message to the site worker.
 
 Flower 1.32 runs a new ``flwr-clientapp`` process per message; this app keeps that process
-cheap. On a deployed site (a SuperNode whose node config names its ``state-dir``, as ``mammofl
-site run`` starts it) it hands the message and context to the site's long-lived worker
-(`clients.site_worker`), starting one for this app version if none answers, and returns the
-worker's reply with the context's state brought back (SecAgg+ keeps its keys there between
-messages). The worker lives as long as the SuperNode this process descends from. Anywhere else
--- ``flwr run`` simulations, a platform without /proc -- and whenever the worker cannot be
-started, it runs the real ClientApp (`clients.client_app`) in this process, as before: the
-worker is a speed-up, never a dependency.
+cheap. On a deployed site (a SuperNode started through `clients.flower_processes`, as ``mammofl
+site run`` does, whose node config names its ``state-dir``) it hands the message and context to
+the site's long-lived worker (`clients.site_worker`), starting one for this app version if none
+answers, and returns the worker's reply with the context's state brought back (SecAgg+ keeps its
+keys there between messages). The worker lives as long as that SuperNode (``MAMMOFL_SITE_PID``).
+Anywhere else -- ``flwr run`` simulations, a SuperNode started by hand -- and whenever the worker
+cannot be started, it runs the real ClientApp (`clients.client_app`) in this process, as before:
+the worker is a speed-up, never a dependency.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from clients.flower_processes import SITE_PID_ENV
+from clients.site_worker import alive
 from clients.worker_protocol import ProtocolError, decode_recorddict, encode_call, receive_frame, send_frame
 
 logger = logging.getLogger("mammofl.thin_app")
-SITE_PID_ENV = "MAMMOFL_SITE_PID"
 WORKER_START_TIMEOUT_S = 300.0
 CONNECT_TIMEOUT_S = 5.0
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -65,33 +66,13 @@ def worker_files(state_dir: Path) -> tuple[Path, Path]:
     return folder / f"{key}.json", folder / f"{key}.log"
 
 
-def supernode_pid() -> int | None:
-    """The ``flower-supernode`` process this ClientApp process descends from (Linux /proc), or the
-    pid in ``MAMMOFL_SITE_PID``; None when there is neither."""
-    if os.environ.get(SITE_PID_ENV, "").isdigit():
-        return int(os.environ[SITE_PID_ENV])
-    pid = os.getppid()
-    for _ in range(8):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return None
-        if any(part.endswith(b"flower-supernode") for part in command[:2]):
-            return pid
-        if parent <= 1:
-            return None
-        pid = parent
-    return None
-
-
 def forward(message: Message, context: Context) -> Message:
     state_dir = context.node_config.get("state-dir")
     if state_dir is None:
         raise WorkerUnavailable("not a deployed site (no state-dir in the node config)")
-    site_pid = supernode_pid()
-    if site_pid is None:
-        raise WorkerUnavailable("no SuperNode process above this one to tie a worker's life to")
+    if not os.environ.get(SITE_PID_ENV, "").isdigit():
+        raise WorkerUnavailable(f"no {SITE_PID_ENV}: this SuperNode was not started through clients.flower_processes")
+    site_pid = int(os.environ[SITE_PID_ENV])
     info_path, log_path = worker_files(Path(str(state_dir)))
     info = _running_worker(info_path, site_pid) or _start_worker(info_path, log_path, site_pid)
     header, buffers = encode_call(message, context)
@@ -113,10 +94,10 @@ def _running_worker(info_path: Path, site_pid: int) -> dict | None:
     that was killed and restarted is on its way out and is not used)."""
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
-        os.kill(int(info["pid"]), 0)
+        running = alive(int(info["pid"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return info if info.get("site_pid") == site_pid else None
+    return info if running and info.get("site_pid") == site_pid else None
 
 
 def _start_worker(info_path: Path, log_path: Path, site_pid: int) -> dict:
@@ -155,14 +136,10 @@ def _wait_for_predecessor(info_path: Path, timeout_s: float = 10.0) -> None:
         info_path.unlink(missing_ok=True)
         return
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
+    while alive(pid):
+        if time.monotonic() > deadline:
+            raise WorkerUnavailable(f"the previous worker {pid} has not stopped")
         time.sleep(0.05)
-    else:
-        raise WorkerUnavailable(f"the previous worker {pid} has not stopped")
     info_path.unlink(missing_ok=True)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from clients.flower_processes import flower_environment
 from common.certs import TlsFiles
 from common.config import ExperimentConfig, load_config, parse_config
 from common.errors import ConfigError, MammoflError
@@ -181,20 +182,6 @@ def _group_is_alive(pgid: int) -> bool:
         if int(group) == pgid and state != "Z":
             return True
     return False
-
-
-def flower_environment(flwr_home: Path) -> dict[str, str]:
-    """The environment of a Flower process: this one's binaries first, its own Flower home.
-
-    Flower starts ``flower-superexec`` and the App processes by name, and installs each run's
-    app bundle under ``FLWR_HOME``; a deployment keeps that in its own folder, not in ``~/.flwr``.
-    """
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_HOME"] = str(flwr_home)
-    # Nothing leaves the machine, and no process waits up to 4 s at exit to try sending it.
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    return env
 
 
 def wait_until_listening(address: str, process: subprocess.Popen, *, timeout: float) -> None:
