@@ -31,19 +31,27 @@ import numpy as np
 
 from common.errors import DataError
 
-POOL_TARGET: Final = 1024
+POOL_TARGET: Final = 512
 # A region outside the breast is ink when it departs from the air level by this share of the
 # frame's intensity range, on top of NOISE_FACTOR times the air's own block-to-block spread.
 CONTRAST: Final = 0.08
 NOISE_FACTOR: Final = 4.0
 # Margin grown around the breast before anything may be blanked, as a share of the pooled size.
 BREAST_MARGIN: Final = 0.01
+# Strokes and bridges narrower than twice this share of the pooled size are not breast.
+BRIDGE_OPENING: Final = 0.003
 MIN_GLYPHS: Final = 3
+# Ink blocks this close (full-resolution pixels, at most 2 blocks) form one blanked box.
+GROUPING_PX: Final = 8
 MAX_PASSES: Final = 3
 # Air must cover this share of the frame and be this flat (median local deviation, share of range).
 MIN_AIR_FRACTION: Final = 0.1
 MAX_AIR_ROUGHNESS: Final = 0.008
 MIN_AIR_SIDE: Final = 64
+# The air band reaches this many times the air's own spread above its darkest level (at least
+# MIN_AIR_BAND, at most CONTRAST of the range): faint tissue - skin, a nipple in profile - is not air.
+AIR_NOISE_FACTOR: Final = 10.0
+MIN_AIR_BAND: Final = 0.02
 LUMA_WEIGHTS: Final = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 GRAYSCALE_INTERPRETATIONS: Final = ("MONOCHROME1", "MONOCHROME2")
 
@@ -72,58 +80,78 @@ class _Pooled:
     factor: int
 
 
-def clean_burned_in_text(pixels: np.ndarray, *, photometric: str, bits_stored: int) -> list[Redaction]:
-    """Blank burned-in text in place in `pixels` (frames, rows, columns, samples); return the boxes.
+def clean_burned_in_text(pixels: np.ndarray, *, photometric: str, bits_stored: int,
+                         pool_target: int = POOL_TARGET) -> list[Redaction]:
+    """Blank burned-in text in place in writable `pixels` (frames, rows, columns, samples); return the boxes.
 
     Each frame is cleaned until a pass finds nothing more (blanking shifts the air statistics), so
     cleaning a cleaned image changes nothing. Raises BurnedInTextError when text touches or lies
     inside the breast region, or when no pass comes out clean.
     """
+    cleaned, redactions = burned_in_text_cleaned(pixels, photometric=photometric, bits_stored=bits_stored,
+                                                 pool_target=pool_target)
+    if cleaned is not pixels:
+        pixels[...] = cleaned
+    return redactions
+
+
+def burned_in_text_cleaned(pixels: np.ndarray, *, photometric: str, bits_stored: int,
+                           pool_target: int = POOL_TARGET) -> tuple[np.ndarray, list[Redaction]]:
+    """`clean_burned_in_text` for pixels that may be read-only (a view of the file's bytes): returns
+    `pixels` itself when nothing is blanked, else a blanked copy; and the boxes. `pool_target` is
+    the size of the grid that air, breast and ink are found on; text lines inside the breast are
+    looked for on a grid twice as fine, where the glyphs of a label stay apart."""
     redactions: list[Redaction] = []
     for index in range(pixels.shape[0]):
-        frame = pixels[index]
-        pooled = _pool(_luma(frame))  # pooled once; a pass re-pools only the boxes it blanked
+        pooled = _pool(_luma(pixels[index]), pool_factor(pixels.shape[1:3], pool_target))
         for _ in range(MAX_PASSES):
-            found = _clean_frame(frame, pooled, index, photometric, bits_stored)
-            if not found:
+            plan = _plan_frame(pixels[index], pooled, photometric, bits_stored)
+            if plan is None:
                 break
-            redactions.extend(found)
-            for redaction in found:
-                _repool(pooled, frame, redaction)
+            if not pixels.flags.writeable:
+                pixels = pixels.copy()
+            frame = pixels[index]
+            for top, bottom, left, right in plan.boxes:
+                keep = _upsample(plan.protected, pooled.factor, (top, bottom, left, right)).astype(bool)
+                frame[top:bottom, left:right][~keep] = plan.fill
+                redactions.append(Redaction(index, top, bottom, left, right))
+                _repool(pooled, frame, redactions[-1])  # a pass re-pools only the boxes it blanked
         else:
             raise BurnedInTextError(f"frame {index} still shows ink after {MAX_PASSES} cleaning passes; "
                                     "the image is quarantined")
-    return redactions
+    return pixels, redactions
 
 
 def _luma(frame: np.ndarray) -> np.ndarray:
     return frame[..., 0] if frame.shape[-1] == 1 else frame.astype(np.float32) @ LUMA_WEIGHTS
 
 
-def _clean_frame(frame: np.ndarray, pooled: _Pooled, index: int, photometric: str,
-                 bits_stored: int) -> list[Redaction]:
+@dataclass(frozen=True)
+class _Plan:
+    """What one pass blanks: full-resolution boxes; inside them the protected (breast + margin)
+    blocks stay and everything else becomes `fill`."""
+
+    boxes: list[tuple[int, int, int, int]]
+    protected: np.ndarray
+    fill: np.ndarray
+
+
+def _plan_frame(frame: np.ndarray, pooled: _Pooled, photometric: str, bits_stored: int) -> _Plan | None:
     low, high = float(pooled.low.min()), float(pooled.high.max())
     if high <= low:
-        return []
+        return None
     bright = _presentation(pooled, low, high, photometric)
-    air = _air(bright)
-    breast = _breast_mask(~air) if air.any() else np.ones(bright.shape, dtype=bool)
-    _refuse_text_inside(pooled, breast, photometric, bits_stored)
+    air, body = _air(bright)
+    breast = _breast_mask(body) if air.any() else body
+    _refuse_text_inside(frame, pooled, breast, photometric, bits_stored)
     if not air.any():
-        return []
+        return None
     protected = cv2.dilate(breast.astype(np.uint8), _disc(max(2, round(BREAST_MARGIN * max(breast.shape)))))
     outside = protected == 0
     background, threshold = _air_level(pooled, air, high - low)
     ink = (np.maximum(pooled.high - background, background - pooled.low) > threshold) & outside
     boxes = _ink_regions(ink, protected, pooled.factor, frame.shape[:2])
-    if not boxes:
-        return []
-    fill = _fill_values(frame, pooled, air)
-    for top, bottom, left, right in boxes:
-        keep = _upsample(protected, pooled.factor, (top, bottom, left, right)).astype(bool)
-        region = frame[top:bottom, left:right]
-        region[~keep] = fill
-    return [Redaction(index, *box) for box in boxes]
+    return _Plan(boxes, protected, _fill_values(frame, pooled, air)) if boxes else None
 
 
 def _repool(pooled: _Pooled, frame: np.ndarray, redaction: Redaction) -> None:
@@ -137,15 +165,20 @@ def _repool(pooled: _Pooled, frame: np.ndarray, redaction: Redaction) -> None:
     pooled.low[rows, cols] = box.low
 
 
+def pool_factor(shape: tuple[int, ...], pool_target: int = POOL_TARGET) -> int:
+    """The block side that leaves at most ~`pool_target` blocks along a frame's longer side."""
+    return max(1, math.ceil(max(shape) / pool_target))
+
+
 def _pool(luma: np.ndarray, factor: int | None = None) -> _Pooled:
     """Block maxima and minima over factor x factor blocks (the last blocks may be smaller).
 
-    The factor is the frame's (at most ~`POOL_TARGET` blocks a side) unless given. Rows first:
+    The factor is the frame's (`pool_factor`) unless given. Rows first:
     each band of `factor` rows reduces to one in numpy (contiguous, vectorised), which leaves a
     quarter of the data; then a one-row dilation/erosion anchored at the block's left edge,
     sampled once per block. Twice as fast as a square dilation of the whole frame, same values.
     """
-    factor = factor or max(1, math.ceil(max(luma.shape) / POOL_TARGET))
+    factor = factor or pool_factor(luma.shape)
     values = np.ascontiguousarray(luma)
     if values.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
         values = values.astype(np.float32)
@@ -174,22 +207,34 @@ def _presentation(pooled: _Pooled, low: float, high: float, photometric: str) ->
     return 1.0 - middle if photometric == "MONOCHROME1" else middle
 
 
-def _air(bright: np.ndarray) -> np.ndarray:
-    """The air background: the darkest band of a smoothed copy, when it is large and flat enough to
-    be air (a crop of tissue or a CT has none; then nothing outside a breast can be told apart)."""
+def _air(bright: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The air background and the body: air is the darkest band of a smoothed copy, when it is
+    large and flat enough to be air (a crop of tissue or a CT has none; then nothing outside a
+    breast can be told apart and everything is body). The body is what lies above the air band in
+    the unsmoothed copy too, so the blurred halo of a label cannot bridge it to the breast."""
+    nothing = np.zeros(bright.shape, dtype=bool)
     if min(bright.shape) < MIN_AIR_SIDE:
-        return np.zeros(bright.shape, dtype=bool)
+        return nothing, ~nothing
     smooth = cv2.GaussianBlur(bright.astype(np.float32), (0, 0), 1.5)
-    air = smooth <= np.percentile(smooth[::4, ::4], 1) + CONTRAST
+    darkest = float(np.percentile(smooth[::4, ::4], 1))
+    candidate = smooth[::4, ::4][smooth[::4, ::4] <= darkest + CONTRAST]
+    spread = 1.4826 * float(np.median(np.abs(candidate - np.median(candidate))))
+    level = darkest + min(CONTRAST, max(MIN_AIR_BAND, AIR_NOISE_FACTOR * spread))
+    air = smooth <= level
     roughness = np.abs(bright - cv2.blur(bright.astype(np.float32), (5, 5)))
     if air.mean() < MIN_AIR_FRACTION or np.median(roughness[air][::7]) > MAX_AIR_ROUGHNESS:
-        return np.zeros(bright.shape, dtype=bool)
-    return air
+        return nothing, ~nothing
+    return air, ~air & (bright > level)
 
 
 def _breast_mask(body: np.ndarray) -> np.ndarray:
-    """The largest region that is not air, holes filled."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
+    """The largest region that is not air once strokes and thin bridges are opened away, holes filled.
+
+    Without the opening a label drawn near the skin line joins the breast through its blurred halo
+    and is then protected from blanking."""
+    radius = max(1, round(BRIDGE_OPENING * max(body.shape)))
+    opened = cv2.morphologyEx(body.astype(np.uint8), cv2.MORPH_OPEN, _disc(radius))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     if count <= 1:
         return np.zeros(body.shape, dtype=bool)
     largest = 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())
@@ -204,14 +249,19 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~reaches_border[labels]
 
 
-def _refuse_text_inside(pooled: _Pooled, breast: np.ndarray, photometric: str, bits_stored: int) -> None:
-    """Raise when a line of full-scale glyphs lies inside the breast: it cannot be blanked safely."""
-    full_scale = (1 << bits_stored) - 1
-    ink = (pooled.low <= 0) if photometric == "MONOCHROME1" else (pooled.high >= full_scale - 0.5)
-    ink &= breast
-    if not ink.any():
+def _refuse_text_inside(frame: np.ndarray, pooled: _Pooled, breast: np.ndarray, photometric: str,
+                        bits_stored: int) -> None:
+    """Raise when a line of full-scale glyphs lies inside the breast: it cannot be blanked safely.
+
+    Looked for on a grid twice as fine as `pooled` (pooled only when full-scale ink meets the
+    breast at all, which clean images never do): on 8 px blocks the glyphs of a 40 px label merge."""
+    if not _full_scale(pooled, photometric, bits_stored)[breast].any():
         return
-    glyph_count, glyph_labels = cv2.connectedComponents(ink.astype(np.uint8), connectivity=8)
+    fine = pooled if pooled.factor == 1 else _pool(_luma(frame), max(1, pooled.factor // 2))
+    rows = np.arange(fine.high.shape[0]) * fine.factor // pooled.factor
+    cols = np.arange(fine.high.shape[1]) * fine.factor // pooled.factor
+    ink = _full_scale(fine, photometric, bits_stored) & breast[np.ix_(rows, cols)]
+    _, glyph_labels = cv2.connectedComponents(ink.astype(np.uint8), connectivity=8)
     max_height = max(3, round(0.06 * ink.shape[0]))
     lines = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((1, max(3, max_height)), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
@@ -221,6 +271,13 @@ def _refuse_text_inside(pooled: _Pooled, breast: np.ndarray, photometric: str, b
         if height <= max_height and width >= 2 * height and glyphs.size >= MIN_GLYPHS:
             raise BurnedInTextError("burned-in text lies inside the breast region and cannot be blanked "
                                     "without destroying tissue; the image is quarantined")
+
+
+def _full_scale(pooled: _Pooled, photometric: str, bits_stored: int) -> np.ndarray:
+    """Blocks holding ink at the detector's full-scale value (stored 0 in MONOCHROME1)."""
+    if photometric == "MONOCHROME1":
+        return pooled.low <= 0
+    return pooled.high >= (1 << bits_stored) - 1 - 0.5
 
 
 def _air_level(pooled: _Pooled, air: np.ndarray, intensity_range: float) -> tuple[float, float]:
@@ -234,7 +291,8 @@ def _air_level(pooled: _Pooled, air: np.ndarray, intensity_range: float) -> tupl
 def _ink_regions(ink: np.ndarray, protected: np.ndarray, factor: int,
                  shape: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
     """Full-resolution boxes around groups of ink blocks; raise when a group touches the breast margin."""
-    grouped = cv2.dilate(ink.astype(np.uint8), np.ones((5, 5), np.uint8)) & (protected == 0)
+    reach = max(1, min(2, round(GROUPING_PX / factor)))  # blocks: the same distance on every grid
+    grouped = cv2.dilate(ink.astype(np.uint8), np.ones((2 * reach + 1,) * 2, np.uint8)) & (protected == 0)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
     if count <= 1:
         return []

@@ -124,3 +124,113 @@ def test_pooling_gives_exactly_the_block_extrema_of_a_square_dilation(shape, dty
     assert pooled.factor > 1
     assert np.array_equal(pooled.high, reference_high.astype(np.float32))
     assert np.array_equal(pooled.low, reference_low.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def text_free(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[np.ndarray, str, int]]:
+    """Text-free full-field mammograms (4000 px) of all four scanner profiles: at this size a label
+    20 px from the skin line lies within 3 blocks of the pooled grid."""
+    root = tmp_path_factory.mktemp("text-free")
+    synthesize_dataset(root, sites=4, per_site=1, size=4000, seed=21, burned_in_text=0.0)
+    images = []
+    for path in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        if ds.SOPClassUID == MAMMOGRAPHY:
+            images.append((ds.pixel_array, str(ds.PhotometricInterpretation), int(ds.BitsStored)))
+    return images
+
+
+EITHER = {"cleaned", "quarantined"}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("corner", {"cleaned"}), ("near-150", {"cleaned"}), ("near-0", {"quarantined"}), ("inside", {"quarantined"}),
+    ("near-20", EITHER), ("near-60", EITHER), ("grey-near-20", EITHER), ("grey-near-60", EITHER),
+])
+def test_planted_labels_are_blanked_or_quarantined_never_left_and_tissue_never_cut(text_free, case, expected) -> None:
+    # A label in the air is blanked; one touching or inside the breast quarantines the image; none
+    # survives an accepted image and no tissue pixel (skin line and nipple included) changes.
+    from common.data.planted_labels import judge, plant
+
+    outcomes = []
+    for number, (clean, photometric, bits) in enumerate(text_free):
+        planted, label = plant(clean, photometric, bits, case, np.random.default_rng(number))
+        outcomes.append(judge(planted, clean, label, photometric, bits)[0])
+    assert set(outcomes) <= expected, outcomes
+
+
+def _image(bits_allocated: int, bits_stored: int, *, frames: int = 1, syntax=ExplicitVRLittleEndian,
+           signed: bool = False, photometric: str = "MONOCHROME2", shape=(33, 17)) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MAMMOGRAPHY
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "2.25.1"
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    dtype = np.uint8 if bits_allocated == 8 else np.uint16
+    values = np.random.default_rng(bits_stored).integers(0, 1 << bits_stored, (frames, *shape)).astype(dtype)
+    ds.PixelData = values.tobytes() + (b"\0" if values.nbytes % 2 else b"")
+    return ds
+
+
+@pytest.mark.parametrize("ds", [
+    _image(16, 12), _image(16, 16), _image(8, 8), _image(16, 14, photometric="MONOCHROME1"),
+    _image(16, 12, frames=3), _image(16, 12, syntax=pydicom.uid.ImplicitVRLittleEndian),
+    _image(8, 8, shape=(5, 7)),  # odd length, padded
+], ids=["12-bit", "16-bit", "8-bit", "monochrome1", "multi-frame", "implicit", "odd"])
+def test_uncompressed_pixels_are_read_in_place_exactly_as_pydicom_decodes_them(ds) -> None:
+    from anonymize.deidentify import _decoded_pixels, _native_view
+
+    view = _native_view(ds)
+    assert view is not None and not view.flags.writeable
+    assert np.array_equal(_decoded_pixels(ds).reshape(ds.pixel_array.shape), ds.pixel_array)
+
+
+@pytest.mark.parametrize("ds", [_image(16, 12, signed=True), _image(16, 16, syntax=pydicom.uid.ExplicitVRBigEndian)],
+                         ids=["signed", "big-endian"])
+def test_pixels_that_need_decoding_go_through_pydicom(ds) -> None:
+    from anonymize.deidentify import _native_view
+
+    assert _native_view(ds) is None
+
+
+def test_bits_above_bits_stored_are_cleared_as_pydicom_clears_them() -> None:
+    # An overlay or garbage in the unused high bits must not reach the detector as intensity.
+    from anonymize.deidentify import _decoded_pixels, _native_view
+
+    ds = _image(16, 12)
+    values = np.frombuffer(ds.PixelData, dtype="<u2").copy()
+    values[::5] |= 0x8000
+    ds.PixelData = values.tobytes()
+    assert _native_view(ds) is None
+    assert int(_decoded_pixels(ds).max()) < 1 << 12
+
+
+@pytest.mark.parametrize("ds", [
+    _image(16, 12), _image(8, 8, shape=(5, 7)), _image(16, 12, syntax=pydicom.uid.ImplicitVRLittleEndian),
+    _image(16, 12, syntax=pydicom.uid.ExplicitVRBigEndian),
+], ids=["explicit", "odd-length", "implicit", "big-endian"])
+def test_saving_writes_exactly_the_bytes_pydicom_writes(ds, tmp_path: Path) -> None:
+    from anonymize.deidentify import save
+
+    expected = io.BytesIO()
+    ds.save_as(expected, enforce_file_format=True)
+    save(ds, tmp_path / "out.dcm")
+    assert (tmp_path / "out.dcm").read_bytes() == expected.getvalue()
+    assert "PixelData" in ds  # put back after the write
+
+
+def test_saving_with_an_element_after_the_pixel_data_keeps_it(tmp_path: Path) -> None:
+    from anonymize.deidentify import save
+
+    ds = _image(16, 12)
+    ds.add_new(0xFFFCFFFC, "OB", b"\0\0")  # Data Set Trailing Padding, after (7FE0,0010)
+    expected = io.BytesIO()
+    ds.save_as(expected, enforce_file_format=True)
+    save(ds, tmp_path / "out.dcm")
+    assert (tmp_path / "out.dcm").read_bytes() == expected.getvalue()

@@ -617,7 +617,7 @@ def burn_in_text(pixels: np.ndarray, lines: Sequence[str], *, anterior_side: str
         raise DataError(f"anterior_side {anterior_side!r} is not 'left' or 'right'")
     rows, cols = pixels.shape
     box_height, box_width = max(3, round(0.11 * rows)), max(8, round(0.38 * cols))
-    text = _text_mask(lines, font_px=max(10, round(box_height / len(lines) / 1.25)))
+    text = text_mask(lines, font_px=max(10, round(box_height / len(lines) / 1.25)))
     scale = min(1.0, box_height / text.shape[0], box_width / text.shape[1])
     if scale < 1.0:
         shrunk = Image.fromarray(text).resize((max(1, round(text.shape[1] * scale)), max(1, round(text.shape[0] * scale))),
@@ -633,7 +633,7 @@ def burn_in_text(pixels: np.ndarray, lines: Sequence[str], *, anterior_side: str
     return burned
 
 
-def _text_mask(lines: Sequence[str], font_px: int) -> np.ndarray:
+def text_mask(lines: Sequence[str], font_px: int) -> np.ndarray:
     """8-bit coverage of `lines` set in Pillow's built-in font (no font files needed)."""
     font = ImageFont.load_default(size=font_px)
     line_height = round(font_px * 1.25)
