@@ -47,14 +47,14 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.uid import MediaStorageDirectoryStorage
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 from anonymize import iod
 from anonymize.dates import DateValueError, shift_date, shift_datetime
 from anonymize.descriptors import IdentifyingTerms
 from anonymize.markers import carries_our_markers, set_markers
 from anonymize.patients import date_shift_days, is_pseudonym, pseudonym
-from anonymize.pixels import GRAYSCALE_INTERPRETATIONS, BurnedInTextError, Redaction, clean_burned_in_text
+from anonymize.pixels import GRAYSCALE_INTERPRETATIONS, BurnedInTextError, Redaction, burned_in_text_cleaned
 from anonymize.private import SafePrivateList, load_safe_private
 from anonymize.profile import (
     CLEAN,
@@ -182,7 +182,7 @@ def deidentify_file(source: Path, destination: Path, options: DeidentificationOp
         warnings.simplefilter("always")
         ds, summary = _deidentified(source, options, secret, safe_private, vocabulary, caught)
         try:
-            ds.save_as(destination, enforce_file_format=True)
+            save(ds, destination)
             _check_rereads(destination)
         except BaseException:
             Path(destination).unlink(missing_ok=True)
@@ -213,7 +213,7 @@ def path_digest(path: Path) -> str:
     """`file_digest` of the file at `path`, read through a memory map (no copy)."""
     if Path(path).stat().st_size == 0:
         return file_digest(b"")
-    return blake3().update_mmap(path).hexdigest()
+    return blake3().update_mmap(path).hexdigest()  # one thread: a threaded digest deadlocks forked workers
 
 
 # What pydicom raises when it decodes a malformed element: an unknown VR, bytes that do not fit it.
@@ -524,10 +524,9 @@ def _clean_pixels(ds: Dataset, options: DeidentificationOptions) -> tuple[list[R
             raise Quarantined("burned-in-text", "the image is marked BurnedInAnnotation=YES and the "
                                                 "clean_pixel_data option is off")
         return [], False
-    pixels = _decoded_pixels(ds)
     try:
-        redactions = clean_burned_in_text(pixels, photometric=str(ds.PhotometricInterpretation),
-                                          bits_stored=int(ds.BitsStored))
+        pixels, redactions = burned_in_text_cleaned(_decoded_pixels(ds), photometric=str(ds.PhotometricInterpretation),
+                                                    bits_stored=int(ds.BitsStored))
     except BurnedInTextError as exc:
         raise Quarantined("burned-in-text", str(exc)) from exc
     if marked and not redactions:
@@ -539,7 +538,8 @@ def _clean_pixels(ds: Dataset, options: DeidentificationOptions) -> tuple[list[R
 
 
 def _decoded_pixels(ds: Dataset) -> np.ndarray:
-    """The pixels as a writable (frames, rows, columns, samples) array."""
+    """The pixels as a (frames, rows, columns, samples) array, read-only where it is a view of the
+    file's own bytes (uncompressed greyscale: no decoding, no copy)."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         raise Quarantined("not-composite", "file meta has no (0002,0010) Transfer Syntax UID")
@@ -556,15 +556,33 @@ def _decoded_pixels(ds: Dataset) -> np.ndarray:
         raise Quarantined("no-pixel-decoder", "Photometric Interpretation is not greyscale or RGB/YBR; "
                                               "burned-in text cannot be checked")
     try:
-        array = ds.pixel_array
+        array = _native_view(ds)
+        array = ds.pixel_array if array is None else array
     except (ValueError, RuntimeError, AttributeError, KeyError, TypeError) as exc:
         raise Quarantined("truncated", f"the pixel data cannot be decoded: truncated, or image attributes "
                                        f"(group 0028) inconsistent ({type(exc).__name__})") from exc
-    if not array.flags.writeable:
-        array = array.copy()
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
     return array.reshape(frames, int(ds.Rows), int(ds.Columns), samples)
+
+
+def _native_view(ds: Dataset) -> np.ndarray | None:
+    """Unsigned little-endian greyscale, stored as it is displayed: the pixel data's bytes read in
+    place. None whenever pydicom's decoder has work to do (compression, byte order, sign, colour,
+    bits above Bits Stored to clear), so the result is exactly what `ds.pixel_array` would give."""
+    if (ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            or ds.get("PhotometricInterpretation") not in GRAYSCALE_INTERPRETATIONS
+            or int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0) != 0
+            or ds.get("BitsAllocated") not in (8, 16) or not isinstance(ds.PixelData, bytes)):
+        return None
+    dtype = np.dtype(np.uint8 if ds.BitsAllocated == 8 else "<u2")
+    count = int(ds.get("NumberOfFrames") or 1) * int(ds.Rows) * int(ds.Columns)
+    if len(ds.PixelData) < count * dtype.itemsize:
+        return None  # pydicom names what is missing
+    array = np.frombuffer(ds.PixelData, dtype=dtype, count=count)
+    if int(ds.BitsStored) < 8 * dtype.itemsize and int(array.max()) >> int(ds.BitsStored):
+        return None  # pydicom clears the unused bits
+    return array
 
 
 def _store_pixels(ds: Dataset, pixels: np.ndarray) -> None:
@@ -591,6 +609,37 @@ def _rebuild_file_meta(ds: Dataset) -> None:
     meta.TransferSyntaxUID = syntax
     ds.file_meta = meta
     ds.preamble = b"\0" * 128
+
+
+PIXEL_DATA: Final = 0x7FE00010
+
+
+def save(ds: Dataset, destination: Path) -> None:
+    """`ds` as a Part 10 file at `destination`, exactly the bytes pydicom's `save_as` writes.
+
+    Native (uncompressed) pixel data, when it is the last element of a little-endian file, is
+    written straight from its buffer after the rest: pydicom passes every element through an
+    in-memory buffer first, two extra copies of a 25 MB frame."""
+    element = ds.get(PIXEL_DATA) if "PixelData" in ds else None
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if (element is None or element.is_undefined_length or max(ds.keys()) != PIXEL_DATA
+            or element.VR not in ("OB", "OW") or syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)):
+        ds.save_as(destination, enforce_file_format=True)
+        return
+    value = memoryview(element.value).cast("B")
+    padding = b"\0" * (len(value) % 2)
+    length = len(value) + len(padding)
+    header = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, element.VR.encode(), 0, length)
+              if syntax == ExplicitVRLittleEndian else struct.pack("<HHI", 0x7FE0, 0x0010, length))
+    del ds[PIXEL_DATA]
+    try:
+        with open(destination, "wb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+            handle.write(header)
+            handle.write(value)
+            handle.write(padding)
+    finally:
+        ds[PIXEL_DATA] = element
 
 
 def encode(ds: Dataset) -> bytes:
