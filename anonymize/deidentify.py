@@ -524,22 +524,25 @@ def _clean_pixels(ds: Dataset, options: DeidentificationOptions) -> tuple[list[R
             raise Quarantined("burned-in-text", "the image is marked BurnedInAnnotation=YES and the "
                                                 "clean_pixel_data option is off")
         return [], False
+    decoded, in_place = _decoded_pixels(ds)
     try:
-        pixels, redactions = burned_in_text_cleaned(_decoded_pixels(ds), photometric=str(ds.PhotometricInterpretation),
+        pixels, redactions = burned_in_text_cleaned(decoded, photometric=str(ds.PhotometricInterpretation),
                                                     bits_stored=int(ds.BitsStored))
     except BurnedInTextError as exc:
         raise Quarantined("burned-in-text", str(exc)) from exc
     if marked and not redactions:
         raise Quarantined("burned-in-text", "the image is marked BurnedInAnnotation=YES but no burned-in "
                                             "text was found to blank, so its cleaning cannot be confirmed")
-    if redactions:
+    if redactions and in_place and pixels.nbytes % 2 == 0:
+        ds.PixelData = memoryview(pixels).cast("B")  # same layout as read: no re-encoding, no copy
+    elif redactions:
         _store_pixels(ds, pixels)
     return redactions, True
 
 
-def _decoded_pixels(ds: Dataset) -> np.ndarray:
-    """The pixels as a (frames, rows, columns, samples) array, read-only where it is a view of the
-    file's own bytes (uncompressed greyscale: no decoding, no copy)."""
+def _decoded_pixels(ds: Dataset) -> tuple[np.ndarray, bool]:
+    """The pixels as a (frames, rows, columns, samples) array, and whether it is a read-only view of
+    the file's own bytes in their stored layout (uncompressed greyscale: no decoding, no copy)."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         raise Quarantined("not-composite", "file meta has no (0002,0010) Transfer Syntax UID")
@@ -556,14 +559,14 @@ def _decoded_pixels(ds: Dataset) -> np.ndarray:
         raise Quarantined("no-pixel-decoder", "Photometric Interpretation is not greyscale or RGB/YBR; "
                                               "burned-in text cannot be checked")
     try:
-        array = _native_view(ds)
-        array = ds.pixel_array if array is None else array
+        view = _native_view(ds)
+        array = ds.pixel_array if view is None else view
     except (ValueError, RuntimeError, AttributeError, KeyError, TypeError) as exc:
         raise Quarantined("truncated", f"the pixel data cannot be decoded: truncated, or image attributes "
                                        f"(group 0028) inconsistent ({type(exc).__name__})") from exc
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
-    return array.reshape(frames, int(ds.Rows), int(ds.Columns), samples)
+    return array.reshape(frames, int(ds.Rows), int(ds.Columns), samples), view is not None
 
 
 def _native_view(ds: Dataset) -> np.ndarray | None:

@@ -13,12 +13,18 @@ and the best round counts (load from other processes on the machine hits both al
 Without --data, the images are synthesised into a temporary folder first (about a minute).
 "mammofl no pixels" is the like-for-like run without the Clean Pixel Data Option.
 
-Measured on the 2-core development machine, 12 files of 22 MB (2026-12-04, best of 3, four
-runs): dicognito 59-78 files/s; mammofl without the pixel check 61-70 files/s (0.89-1.04x), with
-it 11-14 files/s on 1 worker (0.18-0.19x) and 17-19 on both cores (0.24-0.29x). Per file with the
-check: ~40 ms scanning the pixels (pooled once; ~20 ms a pass at the pooled size), ~20 ms
-decoding (RLE files ~45 ms); the rest (parse, walk, write, two BLAKE3 digests over memory maps,
-the re-read check) ~15 ms, about what dicognito spends in all.
+Inputs and outputs live in /dev/shm unless --scratch says otherwise: on this VM a disk's
+writeback throttling starts after ~200 MB written and then, not the tools, decides the ratio.
+
+Measured on the 2-core development machine, 12 files of 22 MB, best of 3, three runs
+(2026-12-04): dicognito 52-54 files/s; mammofl without the pixel check 1.04-1.05x, with it
+0.29x on 1 worker (15.4 files/s) and 0.47-0.49x on both cores (25-26 files/s). Before that
+day's changes: 0.18-0.19x and 0.24-0.29x. Per file with the check, 1 worker: ~18 ms finding and
+blanking text (air, breast and ink on a 512-block grid; text lines inside the breast on a grid
+twice as fine, pooled only where full-scale ink meets the breast), ~44 ms decoding each RLE file
+(pylibjpeg-rle; uncompressed pixels are read in place, no decoding), ~10 ms the two BLAKE3 digests,
+~12 ms reading and writing (native pixel data written straight from its buffer), the rest parsing
+and the profile's walk.
 """
 
 from __future__ import annotations
