@@ -535,9 +535,22 @@ def _clean_pixels(ds: Dataset, options: DeidentificationOptions) -> tuple[list[R
                                             "text was found to blank, so its cleaning cannot be confirmed")
     if redactions and in_place and pixels.nbytes % 2 == 0:
         ds.PixelData = memoryview(pixels).cast("B")  # same layout as read: no re-encoding, no copy
-    elif redactions:
+    elif redactions or _hides_extra_content(ds, in_place):
         _store_pixels(ds, pixels)
     return redactions, True
+
+
+def _hides_extra_content(ds: Dataset, in_place: bool) -> bool:
+    """Uncompressed unsigned greyscale pixel data carrying what no viewer shows: bytes beyond the
+    image, or bits above Bits Stored (old overlays lived there). Either could hold text; the pixels
+    are then written back as decoded, which has neither."""
+    if (ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            or ds.get("PhotometricInterpretation") not in GRAYSCALE_INTERPRETATIONS
+            or int(ds.get("PixelRepresentation") or 0) != 0 or ds.get("BitsAllocated") not in (8, 16)):
+        return False
+    needed = (int(ds.get("NumberOfFrames") or 1) * int(ds.Rows) * int(ds.Columns)
+              * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8)
+    return not in_place or len(ds.PixelData) > needed + needed % 2
 
 
 def _decoded_pixels(ds: Dataset) -> tuple[np.ndarray, bool]:

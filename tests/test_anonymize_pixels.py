@@ -235,3 +235,25 @@ def test_saving_with_an_element_after_the_pixel_data_keeps_it(tmp_path: Path) ->
     ds.save_as(expected, enforce_file_format=True)
     save(ds, tmp_path / "out.dcm")
     assert (tmp_path / "out.dcm").read_bytes() == expected.getvalue()
+
+
+def test_bits_above_bits_stored_and_bytes_beyond_the_image_do_not_survive(tmp_path: Path) -> None:
+    # Neither shows in a viewer, either can carry text (old overlays lived in the high bits).
+    synthesize_dataset(tmp_path / "data", sites=1, per_site=1, size=256, seed=3, burned_in_text=0.0)
+    path = next(p for p in (tmp_path / "data").rglob("000000.dcm")
+                if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == MAMMOGRAPHY)
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+        ds.decompress()
+    clean = ds.pixel_array.copy()
+    for extra in ("high-bits", "trailing"):
+        values = np.frombuffer(ds.PixelData[:clean.nbytes], dtype="<u2").copy()
+        if extra == "high-bits":
+            values[::7] |= np.uint16(1 << 15)
+        ds.PixelData = values.tobytes() + (b"JANE DOE 1962" if extra == "trailing" else b"")
+        ds.save_as(tmp_path / f"{extra}.dcm")
+        output, _ = deidentify_bytes((tmp_path / f"{extra}.dcm").read_bytes(), DEFAULT_OPTIONS, SECRET)
+        result = pydicom.dcmread(io.BytesIO(output))
+        assert len(result.PixelData) == clean.nbytes and b"JANE" not in output
+        assert np.array_equal(result.pixel_array, clean)
+        assert not (np.frombuffer(result.PixelData, dtype="<u2") >> int(ds.BitsStored)).any()
