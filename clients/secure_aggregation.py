@@ -29,7 +29,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, secaggplus_mod
 from flwr.common import Context, NDArrays, Scalar
 
-from clients.client_app import (
+from clients.site_round import (
     Site,
     client_dp_mod_for,
     load_site,

@@ -59,7 +59,7 @@ from common.config import ExperimentConfig, FederationConfig
 from common.errors import ConfigError
 from common.runs import RunDirectory
 from common.site_report import REFUSED, SiteReport
-from server.server_app import Federation, RoundObserver, RoundReplies, UpdateObserver, ledger_row
+from server.federation import Federation, RoundObserver, RoundReplies, UpdateObserver, ledger_row
 from server.strategy import sampled_per_round
 
 MAX_SITE_EXAMPLES = 10_000

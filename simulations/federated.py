@@ -23,7 +23,8 @@ from common.models.transfer import require_site_free_weights
 from common.runs import AppSettings, RunDirectory
 from server.compression import check_compression
 from server.secure_aggregation import sampled_sites
-from server.server_app import UpdateObserver, make_server_app
+from server.federation import UpdateObserver
+from server.server_app import make_server_app
 from simulations.tracking import Tracker
 
 

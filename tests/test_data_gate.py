@@ -9,7 +9,7 @@ import pytest
 from anonymize.batch import run_anonymize
 from anonymize.gate import NotDeidentifiedError
 from anonymize.secret import create_secret
-from clients.client_app import load_site
+from clients.site_round import load_site
 from common.config import parse_config
 from common.errors import ConfigError
 from common.data.synthetic_dicom import synthesize_dataset

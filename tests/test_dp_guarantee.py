@@ -14,7 +14,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients.client_app import NoHeldOutPatientsError, Site, train_locally, validate
+from clients.site_round import NoHeldOutPatientsError, Site, train_locally, validate
 from clients.local_training import make_private, train_site_round
 from clients.privacy import SiteLimits, SitePrivacyState, SiteRefusal
 from common.config import parse_config
