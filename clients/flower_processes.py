@@ -1,11 +1,13 @@
 """Flower's SuperNode and SuperExec, started with their idle waits shortened.
 
 Flower 1.32 hard-codes the waits on a deployed site's message path: the SuperNode sleeps 3 s
-after a pull that found no message and 0.5 s while it waits for a reply to push, and the
-SuperExec it starts polls for tasks every 1 s. On a loopback federation that is most of a
-round. ``python -m clients.flower_processes supernode ARGS`` runs Flower's own
-``flower-supernode`` with those modules' ``time.sleep`` capped at `POLL_S` (and the SuperExec
-it starts the same way); nothing else changes. It reaches into two private Flower modules, so
+after a pull that found no message and 0.5 s while it waits for a reply to push, retries a
+message's objects the SuperLink does not hold yet after 1 s, 2 s, 4 s..., and the SuperExec it
+starts polls for tasks every 1 s. On a loopback federation that is most of a round.
+``python -m clients.flower_processes supernode ARGS`` runs Flower's own ``flower-supernode``
+with those modules' ``time.sleep`` capped at `POLL_S` and object retries at most
+`PULL_BACKOFF_CAP_S` apart; the SuperExec it starts hands tasks to the site's worker
+(`clients.task_handoff`). It reaches into two private Flower modules, so
 the Flower version is pinned and `tests/test_flower_contract.py` fails loudly when either
 module changes the waits it relies on.
 
@@ -15,6 +17,7 @@ process inherit: the thin ClientApp ties the site worker's life to it (`clients.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -23,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 POLL_S = 0.1
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.2  # retrying an object not there yet: first after, at most apart
 SITE_PID_ENV = "MAMMOFL_SITE_PID"  # the SuperNode's pid: the site worker lives as long as it
 SITE_THREADS_ENV = "MAMMOFL_SITE_THREADS"  # PyTorch threads of the site worker (unset: all cores)
+SITE_STATE_ENV = "MAMMOFL_SITE_STATE_DIR"  # the site's state folder: where its workers' info files are
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
@@ -71,6 +76,10 @@ def supernode(arguments: list[str]) -> None:
 
     os.environ[SITE_PID_ENV] = str(os.getpid())
     start_client_internal.time = _PromptTime()
+    # A message's objects the SuperLink does not hold yet (the ServerApp is still pushing them)
+    # are asked for again after 1 s, 2 s, 4 s... by default; at most PULL_BACKOFF_CAP_S apart here.
+    start_client_internal.pull_objects = functools.partial(
+        start_client_internal.pull_objects, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
     start_client_internal.subprocess = _SubprocessLaunchingPromptSuperExec()
     print(f"mammofl: SuperNode {os.getpid()} with idle waits of at most {POLL_S} s", file=sys.stderr, flush=True)
     sys.argv = ["flower-supernode", *arguments]
@@ -78,11 +87,25 @@ def supernode(arguments: list[str]) -> None:
 
 
 def superexec(arguments: list[str]) -> None:
+    import importlib
+
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.superexec import run_superexec
+    from flwr.supercore.superexec.plugin import ClientAppExecPlugin
+
+    from clients.task_handoff import HandoffClientAppPlugin
 
     run_superexec.time = _PromptTime()
-    print(f"mammofl: SuperExec {os.getpid()} polling every {POLL_S} s", file=sys.stderr, flush=True)
+    cli = importlib.import_module("flwr.supercore.cli.flower_superexec")  # the module, not its function
+    plugin_and_stub = cli._get_plugin_and_stub_class
+
+    def with_handoff(plugin_type: str):
+        plugin, stub = plugin_and_stub(plugin_type)
+        return (HandoffClientAppPlugin, stub) if plugin is ClientAppExecPlugin else (plugin, stub)
+
+    cli._get_plugin_and_stub_class = with_handoff
+    print(f"mammofl: SuperExec {os.getpid()} polling every {POLL_S} s, handing tasks to the site worker",
+          file=sys.stderr, flush=True)
     sys.argv = ["flower-superexec", *arguments]
     flower_superexec()
 

@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.flower_processes import SITE_THREADS_ENV, flower_environment
+from clients.flower_processes import SITE_STATE_ENV, SITE_THREADS_ENV, flower_environment
 from common.data.cbis import load_cbis_ddsm
 from common.errors import ConfigError, DataError
 
@@ -110,6 +110,7 @@ def site_environment(node: SiteNode) -> dict[str, str]:
     """The SuperNode's environment: this one's binaries first (Flower starts its SuperExec and
     ClientApp processes by name) and a Flower home inside the site's state folder."""
     env = flower_environment(node.state_dir.resolve() / "flwr")
+    env[SITE_STATE_ENV] = str(node.state_dir.resolve())
     if node.cpu_threads is not None:
         env[SITE_THREADS_ENV] = str(node.cpu_threads)
     return env

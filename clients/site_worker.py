@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from hashlib import sha256
 from pathlib import Path
 
 from clients.flower_processes import SITE_THREADS_ENV
@@ -49,6 +50,7 @@ logger = logging.getLogger("mammofl.site_worker")
 ACCEPT_POLL_S = 1.0
 SITE_POLL_S = 0.2
 DEFAULT_IDLE_TIMEOUT_S = 3600.0
+APP_LOCK = threading.Lock()  # the ClientApp serves one message at a time, however it arrived
 
 
 def alive(pid: int) -> bool:
@@ -59,6 +61,25 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def worker_files(state_dir: Path, app_dir: Path) -> tuple[Path, Path]:
+    """(info file, log file) of the worker of the app installed at `app_dir`, in the site's state folder."""
+    key = sha256(str(app_dir).encode("utf-8")).hexdigest()[:16]
+    folder = state_dir / "workers"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder / f"{key}.json", folder / f"{key}.log"
+
+
+def running_worker(info_path: Path, site_pid: int) -> dict | None:
+    """The worker an info file names, when it runs and serves this SuperNode (a worker of a
+    SuperNode that was killed and restarted is on its way out and is not used)."""
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        running = alive(int(info["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if running and info.get("site_pid") == site_pid else None
 
 
 def write_info(path: Path, info: dict) -> None:
@@ -92,7 +113,7 @@ def serve(app_dir: Path, info_path: Path, site_pid: int, idle_timeout_s: float,
     last_call = time.monotonic()
     try:
         while not stopping:
-            if time.monotonic() - last_call > idle_timeout_s:
+            if time.monotonic() - last_call > idle_timeout_s and not APP_LOCK.locked():
                 logger.info("idle for %.0f s; stopping", idle_timeout_s)
                 break
             try:
@@ -130,11 +151,15 @@ def _answer(connection: socket.socket, client_app, token: str, request_timeout_s
     if not hmac.compare_digest(str(header.get("token", "")), token):
         logger.warning("a caller without the worker's token was refused")
         return
+    if isinstance(header.get("task"), dict):
+        _serve_task(connection, client_app, header["task"])
+        return
     connection.settimeout(None)  # a round of training takes as long as it takes
     started = time.perf_counter()
     try:
         message, context = decode_call(header, buffers)
-        reply = client_app(message, context)
+        with APP_LOCK:
+            reply = client_app(message, context)
         if reply.has_error():
             raise RuntimeError(f"the ClientApp answered with an error: {reply.error.reason}")
         answer = encode_reply(reply, context)
@@ -147,6 +172,36 @@ def _answer(connection: socket.socket, client_app, token: str, request_timeout_s
         logger.warning("the reply could not be sent (%s): the caller is gone", type(error).__name__)
     logger.info("%s message answered in %.2f s", header.get("metadata", {}).get("message_type"),
                 time.perf_counter() - started)
+
+
+def _serve_task(connection: socket.socket, client_app, task: dict) -> None:
+    """A task our SuperExec handed over (`clients.task_handoff`): acknowledged at once, then run
+    against the SuperNode's ClientAppIo API as flwr-clientapp would run it, in a thread of its own.
+
+    A task can wait for its message for hours (a SuperLink restarted while its objects were on
+    the way: Flower pulls for up to 2 h), as a flwr-clientapp process would; it must not stop the
+    next one from running. The ClientApp itself runs one message at a time (`APP_LOCK`): training
+    and the site's privacy state are not for two at once."""
+    from clients.task_handoff import run_task
+
+    try:
+        arguments = {"token": str(task["token"]), "appio": str(task["appio"]), "insecure": bool(task["insecure"]),
+                     "root_certificates": None if task["root_certificates"] is None else str(task["root_certificates"])}
+        send_frame(connection, {"accepted": True}, [])
+    except (KeyError, OSError) as error:
+        logger.warning("a task hand-over could not be accepted (%s)", type(error).__name__)
+        return
+
+    def one_at_a_time(*, message, context):
+        with APP_LOCK:
+            return client_app(message, context)
+
+    def serve_it() -> None:
+        started = time.perf_counter()
+        status = run_task(one_at_a_time, **arguments)
+        logger.info("task served in this process (%s) in %.2f s", status, time.perf_counter() - started)
+
+    threading.Thread(target=serve_it, name="task", daemon=True).start()
 
 
 def _remove_if_ours(info_path: Path) -> None:

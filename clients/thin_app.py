@@ -21,14 +21,13 @@ import socket
 import subprocess
 import sys
 import time
-from hashlib import sha256
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.flower_processes import SITE_PID_ENV
-from clients.site_worker import alive
+from clients.site_worker import alive, running_worker, worker_files
 from clients.worker_protocol import ProtocolError, decode_recorddict, encode_call, receive_frame, send_frame
 
 logger = logging.getLogger("mammofl.thin_app")
@@ -58,14 +57,6 @@ class ForwardingClientApp(ClientApp):
             return client_app(message, context)
 
 
-def worker_files(state_dir: Path) -> tuple[Path, Path]:
-    """(info file, log file) of this app version's worker in the site's state folder."""
-    key = sha256(str(APP_DIR).encode("utf-8")).hexdigest()[:16]
-    folder = state_dir / "workers"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return folder / f"{key}.json", folder / f"{key}.log"
-
-
 def forward(message: Message, context: Context) -> Message:
     state_dir = context.node_config.get("state-dir")
     if state_dir is None:
@@ -73,8 +64,8 @@ def forward(message: Message, context: Context) -> Message:
     if not os.environ.get(SITE_PID_ENV, "").isdigit():
         raise WorkerUnavailable(f"no {SITE_PID_ENV}: this SuperNode was not started through clients.flower_processes")
     site_pid = int(os.environ[SITE_PID_ENV])
-    info_path, log_path = worker_files(Path(str(state_dir)))
-    info = _running_worker(info_path, site_pid) or _start_worker(info_path, log_path, site_pid)
+    info_path, log_path = worker_files(Path(str(state_dir)), APP_DIR)
+    info = running_worker(info_path, site_pid) or _start_worker(info_path, log_path, site_pid)
     header, buffers = encode_call(message, context)
     try:
         with socket.create_connection(("127.0.0.1", info["port"]), timeout=CONNECT_TIMEOUT_S) as connection:
@@ -89,22 +80,11 @@ def forward(message: Message, context: Context) -> Message:
     return Message(decode_recorddict(answer["content"], answer_buffers), reply_to=message)
 
 
-def _running_worker(info_path: Path, site_pid: int) -> dict | None:
-    """The worker of this app version and this SuperNode, when it runs (a worker of a SuperNode
-    that was killed and restarted is on its way out and is not used)."""
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        running = alive(int(info["pid"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info if running and info.get("site_pid") == site_pid else None
-
-
 def _start_worker(info_path: Path, log_path: Path, site_pid: int) -> dict:
     """Starts this app version's worker (one at a time: a lock beside its info file) and waits until it listens."""
     with open(info_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info = _running_worker(info_path, site_pid)
+        info = running_worker(info_path, site_pid)
         if info is not None:
             return info
         _wait_for_predecessor(info_path)
@@ -119,7 +99,7 @@ def _start_worker(info_path: Path, log_path: Path, site_pid: int) -> dict:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise WorkerUnavailable(f"the worker exited with {process.returncode} on start; see {log_path}")
-            info = _running_worker(info_path, site_pid)
+            info = running_worker(info_path, site_pid)
             if info is not None:
                 return info
             time.sleep(0.05)

@@ -247,9 +247,11 @@ def test_a_two_round_dp_run_completes_with_every_site_and_the_simulation_layout(
 @pytest.mark.slow
 def test_every_message_of_a_deployed_site_was_served_by_its_long_lived_worker(federation, first_run):
     for site_id in SITES:
-        logs = list((federation.state_dir(site_id) / "workers").glob("*.log"))
-        served = sum(log.read_text().count("message answered") for log in logs)
-        assert served >= 2, f"{site_id}: its worker answered {served} messages"  # both rounds' train messages
+        logs = "".join(log.read_text() for log in (federation.state_dir(site_id) / "workers").glob("*.log"))
+        forwarded, handed_over = logs.count("message answered"), logs.count("task served in this process")
+        # Both rounds' train messages; after the first, the SuperExec hands tasks straight to the
+        # worker (no flwr-clientapp process).
+        assert forwarded + handed_over >= 2 and handed_over >= 1, f"{site_id}: {forwarded} + {handed_over}"
         assert "running the ClientApp in this process" not in federation.log(site_id).read_text()
 
 

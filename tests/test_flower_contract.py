@@ -32,6 +32,15 @@ def test_the_waits_we_shorten_are_module_level_time_sleeps(module_name, waits):
         assert wait in source, f"{module_name} no longer waits with {wait}"
 
 
+def test_the_supernode_pulls_a_messages_objects_through_a_module_level_pull_objects():
+    from flwr.supernode import start_client_internal
+
+    source = inspect.getsource(start_client_internal)
+
+    assert "obj_contents = pull_objects(" in source
+    assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(start_client_internal.pull_objects).parameters)
+
+
 def test_the_supernode_starts_its_superexec_by_name_through_subprocess_popen():
     from flwr.supernode import start_client_internal
 
@@ -53,3 +62,39 @@ def test_the_grid_and_client_app_apis_we_build_on_are_public():
 
     assert {"push_messages", "pull_messages", "send_and_receive", "get_node_ids", "create_message"} <= set(dir(Grid))
     assert callable(ClientApp.__call__)
+
+
+def test_the_superexec_picks_its_clientapp_plugin_through_a_module_function_we_can_wrap():
+    # `clients.flower_processes superexec` swaps in `clients.task_handoff.HandoffClientAppPlugin`.
+    import importlib
+
+    from flwr.supercore.superexec.plugin import ClientAppExecPlugin
+    from flwr.supercore.superexec.run_superexec import run_superexec
+
+    cli = importlib.import_module("flwr.supercore.cli.flower_superexec")
+    assert cli._get_plugin_and_stub_class("clientapp")[0] is ClientAppExecPlugin
+    assert "_get_plugin_and_stub_class(args.plugin_type)" in inspect.getsource(cli.flower_superexec)
+    assert "plugin.launch_task(token=claim_res.token, task=task)" in inspect.getsource(run_superexec)
+    assert list(inspect.signature(ClientAppExecPlugin.launch_task).parameters) == ["self", "token", "task"]
+    assert {"appio_api_address", "insecure", "root_certificates_path", "get_run"} <= set(
+        inspect.signature(ClientAppExecPlugin.__init__).parameters)
+
+
+def test_what_a_handed_over_task_runs_is_what_flwr_clientapp_runs():
+    # `clients.task_handoff.run_task` repeats run_clientapp's steps with its helpers.
+    from flwr.supernode.runtime import run_clientapp as module
+
+    source = inspect.getsource(module.run_clientapp)
+    for step in ("pull_task_input(stub)", "client_app(message=message, context=context)",
+                 "push_message(stub, reply_message, context)", "HeartbeatSender(make_task_heartbeat_fn_grpc(stub))",
+                 "AppIoTokenClientInterceptor(token)", "push_task_output("):
+        assert step in source, f"flwr-clientapp no longer does {step}"
+    assert list(inspect.signature(module.push_task_output).parameters) == ["stub", "context", "sub_status", "details"]
+    # ... and pulls the message through this module-level name, which `_prompt_pulls` wraps.
+    assert "message = pull_and_inflate_object_from_tree(" in inspect.getsource(module.pull_task_input)
+    assert {"initial_backoff", "backoff_cap"} <= set(
+        inspect.signature(module.pull_and_inflate_object_from_tree).parameters)
+    from flwr.proto.task_pb2 import Task
+    from flwr.supercore.superexec.executor import LaunchResult
+
+    assert {"task_id", "run_id"} <= {field.name for field in Task.DESCRIPTOR.fields} and LaunchResult.accepted()

@@ -142,3 +142,56 @@ def test_the_worker_stops_at_once_when_its_supernode_is_gone(worker):
     site.wait()
 
     assert process.wait(timeout=10) == 0
+
+
+def a_plugin(app_dir: Path):
+    """Our SuperExec plugin without the SuperExec around it: only what a hand-over reads."""
+    from clients.task_handoff import HandoffClientAppPlugin
+
+    plugin = object.__new__(HandoffClientAppPlugin)
+    plugin.appio_api_address, plugin.insecure, plugin.root_certificates_path = "127.0.0.1:1", True, None
+    plugin._app_dirs = {5: app_dir}
+    return plugin
+
+
+def test_a_task_is_launched_the_flower_way_when_no_worker_runs(tmp_path, monkeypatch):
+    from flwr.proto.task_pb2 import Task
+
+    from clients.flower_processes import SITE_PID_ENV, SITE_STATE_ENV
+
+    plugin = a_plugin(tmp_path / "app")
+    task = Task(task_id=1, run_id=5)
+    assert plugin._hand_over("token", task) is False  # not a deployed site's SuperExec
+    monkeypatch.setenv(SITE_STATE_ENV, str(tmp_path / "state"))
+    monkeypatch.setenv(SITE_PID_ENV, str(1))
+    assert plugin._hand_over("token", task) is False  # no worker for this app version
+
+
+def test_a_task_is_handed_to_the_running_worker_of_its_app_version(tmp_path, monkeypatch):
+    from flwr.proto.task_pb2 import Task
+
+    from clients.flower_processes import SITE_PID_ENV, SITE_STATE_ENV
+    from clients.site_worker import worker_files
+
+    app_dir = tmp_path / "flwr" / "apps" / "mammofl.mammofl.1.0.0.abcdef"
+    info_path, log_path = worker_files(tmp_path / "state", app_dir)
+    site = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "clients.site_worker", "--app-dir", str(REPO), "--info",
+                                    str(info_path), "--site-pid", str(site.pid)], cwd=REPO, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while not info_path.is_file():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        monkeypatch.setenv(SITE_STATE_ENV, str(tmp_path / "state"))
+        monkeypatch.setenv(SITE_PID_ENV, str(site.pid))
+
+        assert a_plugin(app_dir)._hand_over("the-task-token", Task(task_id=1, run_id=5)) is True
+        assert a_plugin(tmp_path / "another-version")._hand_over("t", Task(task_id=2, run_id=5)) is False
+        monkeypatch.setenv(SITE_PID_ENV, str(process.pid))  # a restarted SuperNode: not this worker's
+        assert a_plugin(app_dir)._hand_over("t", Task(task_id=3, run_id=5)) is False
+    finally:
+        for child in (process, site):
+            child.kill()
+            child.wait()
