@@ -98,3 +98,11 @@ def test_what_a_handed_over_task_runs_is_what_flwr_clientapp_runs():
     from flwr.supercore.superexec.executor import LaunchResult
 
     assert {"task_id", "run_id"} <= {field.name for field in Task.DESCRIPTOR.fields} and LaunchResult.accepted()
+
+
+def test_the_deployed_grid_pulls_reply_objects_through_a_module_level_pull_objects():
+    # `server.prompt_grid` wraps it with shorter retries.
+    from flwr.superlink.grid import grpc_grid
+
+    assert "all_object_contents = pull_objects(" in inspect.getsource(grpc_grid.GrpcGrid)
+    assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(grpc_grid.pull_objects).parameters)
