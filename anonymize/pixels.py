@@ -15,7 +15,8 @@ per frame, and after blanking only over the blanked boxes):
 
 Cleaning is "with confidence" exactly when every region found outside the breast stays clear of
 the (margin-grown) breast mask, and no text line lies inside it. A frame without an air background
-(a tissue crop, a CT slice) is only checked for text lines; nothing in it is blanked. Otherwise `BurnedInTextError`
+(a tissue crop, a CT slice, a two-valued ROI mask) is only checked for text lines; nothing in it
+is blanked. Otherwise `BurnedInTextError`
 is raised and the caller quarantines the image. Pixels outside the blanked boxes are never
 touched, so they stay bit-identical.
 """
@@ -38,8 +39,6 @@ CONTRAST: Final = 0.08
 NOISE_FACTOR: Final = 4.0
 # Margin grown around the breast before anything may be blanked, as a share of the pooled size.
 BREAST_MARGIN: Final = 0.01
-# Strokes and bridges narrower than twice this share of the pooled size are not breast.
-BRIDGE_OPENING: Final = 0.003
 MIN_GLYPHS: Final = 3
 # Ink blocks this close (full-resolution pixels, at most 2 blocks) form one blanked box.
 GROUPING_PX: Final = 8
@@ -213,7 +212,9 @@ def _air(bright: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     breast can be told apart and everything is body). The body is what lies above the air band in
     the unsmoothed copy too, so the blurred halo of a label cannot bridge it to the breast."""
     nothing = np.zeros(bright.shape, dtype=bool)
-    if min(bright.shape) < MIN_AIR_SIDE:
+    if min(bright.shape) < MIN_AIR_SIDE or ((bright == 0) | (bright == 1)).all():
+        # Too small to tell, or two values only (a segmentation mask: its regions are not text
+        # on air, and blanking one would corrupt the mask).
         return nothing, ~nothing
     smooth = cv2.GaussianBlur(bright.astype(np.float32), (0, 0), 1.5)
     darkest = float(np.percentile(smooth[::4, ::4], 1))
@@ -228,13 +229,8 @@ def _air(bright: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _breast_mask(body: np.ndarray) -> np.ndarray:
-    """The largest region that is not air once strokes and thin bridges are opened away, holes filled.
-
-    Without the opening a label drawn near the skin line joins the breast through its blurred halo
-    and is then protected from blanking."""
-    radius = max(1, round(BRIDGE_OPENING * max(body.shape)))
-    opened = cv2.morphologyEx(body.astype(np.uint8), cv2.MORPH_OPEN, _disc(radius))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    """The largest region that is not air, holes filled."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
     if count <= 1:
         return np.zeros(body.shape, dtype=bool)
     largest = 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())

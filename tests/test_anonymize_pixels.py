@@ -257,3 +257,16 @@ def test_bits_above_bits_stored_and_bytes_beyond_the_image_do_not_survive(tmp_pa
         assert len(result.PixelData) == clean.nbytes and b"JANE" not in output
         assert np.array_equal(result.pixel_array, clean)
         assert not (np.frombuffer(result.PixelData, dtype="<u2") >> int(ds.BitsStored)).any()
+
+
+def test_a_two_valued_roi_mask_is_neither_blanked_nor_quarantined_for_its_fragments() -> None:
+    # CBIS-DDSM's ROI masks are 0/255 images; a lesion in three pieces is not text on air, and
+    # blanking a piece would corrupt the mask the tree needs.
+    mask = np.zeros((1, 192, 154, 1), dtype=np.uint8)
+    mask[0, 80:95, 60:72] = 255
+    mask[0, 97:99, 74:77] = 255  # fragments a few pixels from the lesion
+    mask[0, 76:78, 58:60] = 255
+    before = mask.copy()
+
+    assert clean_burned_in_text(mask, photometric="MONOCHROME2", bits_stored=8) == []
+    assert np.array_equal(mask, before)
