@@ -544,12 +544,9 @@ def _hides_extra_content(ds: Dataset, in_place: bool) -> bool:
     """Uncompressed unsigned greyscale pixel data carrying what no viewer shows: bytes beyond the
     image, or bits above Bits Stored (old overlays lived there). Either could hold text; the pixels
     are then written back as decoded, which has neither."""
-    if (ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-            or ds.get("PhotometricInterpretation") not in GRAYSCALE_INTERPRETATIONS
-            or int(ds.get("PixelRepresentation") or 0) != 0 or ds.get("BitsAllocated") not in (8, 16)):
+    if not _native_unsigned_greyscale(ds):
         return False
-    needed = (int(ds.get("NumberOfFrames") or 1) * int(ds.Rows) * int(ds.Columns)
-              * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8)
+    needed = int(ds.get("NumberOfFrames") or 1) * int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
     return not in_place or len(ds.PixelData) > needed + needed % 2
 
 
@@ -582,14 +579,22 @@ def _decoded_pixels(ds: Dataset) -> tuple[np.ndarray, bool]:
     return array.reshape(frames, int(ds.Rows), int(ds.Columns), samples), view is not None
 
 
+NATIVE_LITTLE_ENDIAN: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def _native_unsigned_greyscale(ds: Dataset) -> bool:
+    """Uncompressed little-endian, one unsigned sample of 8 or 16 bits: stored as it is displayed."""
+    return (ds.file_meta.TransferSyntaxUID in NATIVE_LITTLE_ENDIAN
+            and ds.get("PhotometricInterpretation") in GRAYSCALE_INTERPRETATIONS
+            and int(ds.get("SamplesPerPixel") or 1) == 1 and int(ds.get("PixelRepresentation") or 0) == 0
+            and ds.get("BitsAllocated") in (8, 16))
+
+
 def _native_view(ds: Dataset) -> np.ndarray | None:
     """Unsigned little-endian greyscale, stored as it is displayed: the pixel data's bytes read in
     place. None whenever pydicom's decoder has work to do (compression, byte order, sign, colour,
     bits above Bits Stored to clear), so the result is exactly what `ds.pixel_array` would give."""
-    if (ds.file_meta.TransferSyntaxUID not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-            or ds.get("PhotometricInterpretation") not in GRAYSCALE_INTERPRETATIONS
-            or int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0) != 0
-            or ds.get("BitsAllocated") not in (8, 16) or not isinstance(ds.PixelData, bytes)):
+    if not _native_unsigned_greyscale(ds) or not isinstance(ds.PixelData, bytes):
         return None
     dtype = np.dtype(np.uint8 if ds.BitsAllocated == 8 else "<u2")
     count = int(ds.get("NumberOfFrames") or 1) * int(ds.Rows) * int(ds.Columns)
@@ -639,7 +644,7 @@ def save(ds: Dataset, destination: Path) -> None:
     element = ds.get(PIXEL_DATA) if "PixelData" in ds else None
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if (element is None or element.is_undefined_length or max(ds.keys()) != PIXEL_DATA
-            or element.VR not in ("OB", "OW") or syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)):
+            or element.VR not in ("OB", "OW") or syntax not in NATIVE_LITTLE_ENDIAN):
         ds.save_as(destination, enforce_file_format=True)
         return
     value = memoryview(element.value).cast("B")

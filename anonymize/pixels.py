@@ -1,9 +1,11 @@
 """Burned-in text in mammograms: find it, blank it, or refuse the image.
 
 Mammography exports carry labels, names and dates in the corners and side strips, drawn in air,
-outside the breast. Two detectors work on a block-pooled copy of each frame (block maxima and
-minima, at most ~`POOL_TARGET` blocks a side: a stroke one pixel wide still shows; pooled once
-per frame, and after blanking only over the blanked boxes):
+outside the breast. Two detectors work on block-pooled copies of each frame (block maxima and
+minima, so a stroke one pixel wide still shows): air, breast and ink on a grid of at most
+~`POOL_TARGET` blocks a side, pooled once per frame and after blanking only over the blanked
+boxes; text lines inside the breast on a grid twice as fine, pooled only when full-scale ink
+meets the breast:
 
 - breast-mask-aware cleaning: air is the darkest band of the frame when it is large and flat;
   the breast (largest region that is not air) plus a margin is protected; everything outside it
@@ -16,9 +18,8 @@ per frame, and after blanking only over the blanked boxes):
 Cleaning is "with confidence" exactly when every region found outside the breast stays clear of
 the (margin-grown) breast mask, and no text line lies inside it. A frame without an air background
 (a tissue crop, a CT slice, a two-valued ROI mask) is only checked for text lines; nothing in it
-is blanked. Otherwise `BurnedInTextError`
-is raised and the caller quarantines the image. Pixels outside the blanked boxes are never
-touched, so they stay bit-identical.
+is blanked. Otherwise `BurnedInTextError` is raised and the caller quarantines the image.
+Pixels outside the blanked boxes are never touched, so they stay bit-identical.
 """
 
 from __future__ import annotations
@@ -87,11 +88,10 @@ def clean_burned_in_text(pixels: np.ndarray, *, photometric: str, bits_stored: i
     cleaning a cleaned image changes nothing. Raises BurnedInTextError when text touches or lies
     inside the breast region, or when no pass comes out clean.
     """
-    cleaned, redactions = burned_in_text_cleaned(pixels, photometric=photometric, bits_stored=bits_stored,
-                                                 pool_target=pool_target)
-    if cleaned is not pixels:
-        pixels[...] = cleaned
-    return redactions
+    if not pixels.flags.writeable:
+        raise ValueError("clean_burned_in_text blanks in place; use burned_in_text_cleaned for read-only pixels")
+    return burned_in_text_cleaned(pixels, photometric=photometric, bits_stored=bits_stored,
+                                  pool_target=pool_target)[1]
 
 
 def burned_in_text_cleaned(pixels: np.ndarray, *, photometric: str, bits_stored: int,

@@ -5,8 +5,8 @@ after a pull that found no message and 0.5 s while it waits for a reply to push,
 message's objects the SuperLink does not hold yet after 1 s, 2 s, 4 s..., and the SuperExec it
 starts polls for tasks every 1 s. On a loopback federation that is most of a round.
 ``python -m clients.flower_processes supernode ARGS`` runs Flower's own ``flower-supernode``
-with those modules' ``time.sleep`` capped at `POLL_S` and object retries at most
-`PULL_BACKOFF_CAP_S` apart; the SuperExec it starts hands tasks to the site's worker
+with those modules' ``time.sleep`` capped at `POLL_S` and object retries made prompt
+(`common.flower_retries`); the SuperExec it starts hands tasks to the site's worker
 (`clients.task_handoff`). It reaches into two private Flower modules, so
 the Flower version is pinned and `tests/test_flower_contract.py` fails loudly when either
 module changes the waits it relies on.
@@ -17,7 +17,6 @@ process inherit: the thin ClientApp ties the site worker's life to it (`clients.
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -25,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.flower_retries import prompt_object_retries
+
 POLL_S = 0.1
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.2  # retrying an object not there yet: first after, at most apart
 SITE_PID_ENV = "MAMMOFL_SITE_PID"  # the SuperNode's pid: the site worker lives as long as it
 SITE_THREADS_ENV = "MAMMOFL_SITE_THREADS"  # PyTorch threads of the site worker (unset: all cores)
 SITE_STATE_ENV = "MAMMOFL_SITE_STATE_DIR"  # the site's state folder: where its workers' info files are
@@ -76,10 +76,8 @@ def supernode(arguments: list[str]) -> None:
 
     os.environ[SITE_PID_ENV] = str(os.getpid())
     start_client_internal.time = _PromptTime()
-    # A message's objects the SuperLink does not hold yet (the ServerApp is still pushing them)
-    # are asked for again after 1 s, 2 s, 4 s... by default; at most PULL_BACKOFF_CAP_S apart here.
-    start_client_internal.pull_objects = functools.partial(
-        start_client_internal.pull_objects, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
+    # A message's objects the SuperLink does not hold yet (the ServerApp is still pushing them).
+    prompt_object_retries(start_client_internal, "pull_objects")
     start_client_internal.subprocess = _SubprocessLaunchingPromptSuperExec()
     print(f"mammofl: SuperNode {os.getpid()} with idle waits of at most {POLL_S} s", file=sys.stderr, flush=True)
     sys.argv = ["flower-supernode", *arguments]

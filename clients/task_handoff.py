@@ -17,10 +17,8 @@ helpers): the Flower version is pinned and `tests/test_flower_contract.py` fails
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +27,12 @@ from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import ClientAppExecPlugin
 
-from clients.flower_processes import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, SITE_PID_ENV, SITE_STATE_ENV
+from clients.flower_processes import SITE_PID_ENV, SITE_STATE_ENV
 from clients.site_worker import running_worker, worker_files
-from clients.worker_protocol import ProtocolError, receive_frame, send_frame
+from clients.worker_protocol import ProtocolError, call_worker
+from common.flower_retries import prompt_object_retries
 
 logger = logging.getLogger("mammofl.task_handoff")
-CONNECT_TIMEOUT_S = 5.0
 
 
 class HandoffClientAppPlugin(ClientAppExecPlugin):
@@ -60,17 +58,11 @@ class HandoffClientAppPlugin(ClientAppExecPlugin):
         info = running_worker(worker_files(Path(state_dir), self._app_dir(task.run_id))[0], int(site_pid))
         if info is None:
             return False
-        request = {"token": info["token"], "task": {"token": token, "appio": self.appio_api_address,
-                                                   "insecure": self.insecure,
-                                                   "root_certificates": self.root_certificates_path}}
-        with socket.create_connection(("127.0.0.1", info["port"]), timeout=CONNECT_TIMEOUT_S) as connection:
-            # No timeout from here on: a busy worker takes the task when its current one is done
-            # (until then nothing else could run on this site anyway). Giving up on a worker that
-            # has the frame could have it and a flwr-clientapp both run the task; it acknowledges
-            # before it starts, so a worker that dies unacknowledged never ran it.
-            connection.settimeout(None)
-            send_frame(connection, request, [])
-            answer, _ = receive_frame(connection)
+        # Giving up on a worker that has the task could have it and a flwr-clientapp both run it;
+        # it acknowledges before it starts, so a worker that dies unacknowledged never ran it.
+        answer, _ = call_worker(info, {"task": {"token": token, "appio": self.appio_api_address,
+                                                "insecure": self.insecure,
+                                                "root_certificates": self.root_certificates_path}}, [])
         return answer.get("accepted") is True
 
     def _app_dir(self, run_id: int) -> Path:
@@ -81,19 +73,6 @@ class HandoffClientAppPlugin(ClientAppExecPlugin):
             run = self.get_run(run_id)
             self._app_dirs[run_id] = get_project_dir(run.fab_id, run.fab_version, run.fab_hash).resolve()
         return self._app_dirs[run_id]
-
-
-def _prompt_pulls() -> None:
-    """Flower retries an object the SuperNode does not hold yet after 1 s, then 2 s, 4 s...; a
-    ``flwr-clientapp`` process takes seconds to start, so it rarely waits, but a worker asks at
-    once, while the SuperNode is still receiving the message. Asking the local SuperNode again
-    every 20 ms (at most 200 ms apart) costs nothing."""
-    from flwr.supernode.runtime import run_clientapp
-
-    pull = run_clientapp.pull_and_inflate_object_from_tree
-    if not isinstance(pull, functools.partial):
-        run_clientapp.pull_and_inflate_object_from_tree = functools.partial(
-            pull, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
 
 
 def run_task(client_app, *, token: str, appio: str, insecure: bool, root_certificates: str | None) -> str:
@@ -108,9 +87,12 @@ def run_task(client_app, *, token: str, appio: str, insecure: bool, root_certifi
     from flwr.supercore.interceptors import AppIoTokenClientInterceptor, RuntimeVersionClientInterceptor
     from flwr.supercore.retry import make_simple_grpc_retry_invoker, wrap_stub
     from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime import run_clientapp
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-    _prompt_pulls()
+    # A worker asks at once, often while its SuperNode is still receiving the message (a
+    # flwr-clientapp process takes seconds to start, so it rarely waits).
+    prompt_object_retries(run_clientapp, "pull_and_inflate_object_from_tree")
     channel = create_channel(
         server_address=appio, insecure=insecure,
         root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),

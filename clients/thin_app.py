@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,11 +27,10 @@ from flwr.clientapp import ClientApp
 
 from clients.flower_processes import SITE_PID_ENV
 from clients.site_worker import alive, running_worker, worker_files
-from clients.worker_protocol import ProtocolError, decode_recorddict, encode_call, receive_frame, send_frame
+from clients.worker_protocol import ProtocolError, call_worker, decode_recorddict, encode_call
 
 logger = logging.getLogger("mammofl.thin_app")
 WORKER_START_TIMEOUT_S = 300.0
-CONNECT_TIMEOUT_S = 5.0
 APP_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -68,10 +66,7 @@ def forward(message: Message, context: Context) -> Message:
     info = running_worker(info_path, site_pid) or _start_worker(info_path, log_path, site_pid)
     header, buffers = encode_call(message, context)
     try:
-        with socket.create_connection(("127.0.0.1", info["port"]), timeout=CONNECT_TIMEOUT_S) as connection:
-            connection.settimeout(None)  # a round of training takes as long as it takes
-            send_frame(connection, {"token": info["token"], **header}, buffers)
-            answer, answer_buffers = receive_frame(connection)
+        answer, answer_buffers = call_worker(info, header, buffers)
     except (OSError, ProtocolError) as error:
         raise WorkerUnavailable(f"{type(error).__name__}: {error}") from error
     if "error" in answer:

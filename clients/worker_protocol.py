@@ -48,6 +48,20 @@ def receive_frame(connection: socket.socket) -> tuple[dict[str, Any], list[bytes
     return header, buffers
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
+def call_worker(info: dict[str, Any], header: dict[str, Any], buffers: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    """One request to the site worker that `info` (its info file) names, with its token, and its answer.
+
+    Only connecting is timed: a round of training takes as long as it takes, and a busy worker
+    takes the next request when its current one is done."""
+    with socket.create_connection(("127.0.0.1", info["port"]), timeout=CONNECT_TIMEOUT_S) as connection:
+        connection.settimeout(None)
+        send_frame(connection, {"token": info["token"], **header}, buffers)
+        return receive_frame(connection)
+
+
 def _exactly(connection: socket.socket, size: int) -> bytes:
     chunks, left = [], size
     while left:

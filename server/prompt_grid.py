@@ -5,41 +5,31 @@ so every message round trip of a deployed federation costs up to 3 s of waiting:
 round (four messages) that alone is 12 s. `PromptGrid` wraps the grid a ServerApp is given and
 implements ``send_and_receive`` with the Grid's own public ``push_messages``/``pull_messages``,
 polling after `FIRST_POLL_S` and backing off to `MAX_POLL_S` while nothing comes, and has the
-deployed grid retry a reply's objects at most `PULL_BACKOFF_CAP_S` apart. Everything else is
+deployed grid retry a reply's objects promptly (`common.flower_retries`). Everything else is
 the wrapped grid's. The simulation's in-memory grid is wrapped the same way (it polls
 every 0.1 s itself; the wrapper changes nothing it can measure).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.superlink.grid import grpc_grid
+
+from common.flower_retries import prompt_object_retries
 
 FIRST_POLL_S = 0.02
 MAX_POLL_S = 0.25
 BACKOFF = 1.5
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.2
-
-
-def _prompt_object_pulls() -> None:
-    """A reply whose objects the SuperLink does not hold yet (the site is still pushing them) is
-    asked for again after 1 s, 2 s, 4 s... by Flower's deployed grid; here at most 0.2 s apart.
-    Flower's private module: `tests/test_flower_contract.py` checks the name it calls."""
-    from flwr.superlink.grid import grpc_grid
-
-    if not isinstance(grpc_grid.pull_objects, functools.partial):
-        grpc_grid.pull_objects = functools.partial(grpc_grid.pull_objects, initial_backoff=PULL_BACKOFF_S,
-                                                   backoff_cap=PULL_BACKOFF_CAP_S)
 
 
 class PromptGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        _prompt_object_pulls()
+        prompt_object_retries(grpc_grid, "pull_objects")  # a reply's objects the site is still pushing
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
