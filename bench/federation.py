@@ -9,12 +9,13 @@ the model payloads it hands each site (the global model down, the update up, per
 The SecAgg+ runs are the same config with ``federation.secure_aggregation`` on, on the same
 SuperLink and sites; the ratio against the plain run of the same mode is SecAgg+'s overhead.
 
-    .venv/bin/python bench/federation.py [--rounds 2] [--per-site 24] [--size 64] [--no-secure-aggregation]
+    .venv/bin/python bench/federation.py [--rounds 2] [--per-site 24] [--size 64] [--no-secure-aggregation] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import tempfile
 import threading
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--per-site", type=int, default=24)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--no-secure-aggregation", action="store_true", help="skip the SecAgg+ runs")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="work in DIR (new or empty) and keep it: the runs, the SuperLink's and sites' logs")
     args = parser.parse_args()
     if args.sites < 3 and not args.no_secure_aggregation:
         parser.error("SecAgg+ needs at least 3 sites; give --sites 3 or more, or --no-secure-aggregation")
@@ -181,8 +184,11 @@ def main() -> None:
     from common.data.synthetic_dicom import synthesize_dataset
 
     variants = [False] if args.no_secure_aggregation else [False, True]
-    with tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep}: the folder is not empty; give a new or empty one")
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
         root = Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         synthesize_dataset(root / "data", sites=args.sites, per_site=args.per_site, size=args.size, seed=3,
                            burned_in_text=0.0)
         sites = sorted(path.name for path in (root / "data").iterdir() if path.name.startswith("site-"))

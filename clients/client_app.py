@@ -14,6 +14,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from clients.secure_aggregation import make_secure_client_app
 from clients.site_round import client_dp_mod_for, evaluate_site, train
+from common.packed_arrays import packed_arrays_mod
 from common.runs import AppSettings, app_config
 
 
@@ -28,7 +29,9 @@ def make_client_app(settings: AppSettings | None = None) -> ClientApp:
 
     client_dp_mod = client_dp_mod_for(settings, {"client-fixed": fixedclipping_mod,
                                                  "client-adaptive": adaptiveclipping_mod})
-    app = ClientApp(mods=[secure_aggregation_mod, client_dp_mod])
+    # The aggregator's grid packs each ArrayRecord into one Array (`common.packed_arrays`): unpacked
+    # first, the reply packed last, so SecAgg+, clipping and the round see and build ArrayRecords.
+    app = ClientApp(mods=[packed_arrays_mod, secure_aggregation_mod, client_dp_mod])
     app.train()(lambda message, context: train(message, context, settings))
     app.evaluate()(lambda message, context: evaluate_site(message, context, settings))
     return app

@@ -5,8 +5,10 @@ so every message round trip of a deployed federation costs up to 3 s of waiting:
 round (four messages) that alone is 12 s. `PromptGrid` wraps the grid a ServerApp is given and
 implements ``send_and_receive`` with the Grid's own public ``push_messages``/``pull_messages``,
 polling after `FIRST_POLL_S` and backing off to `MAX_POLL_S` while nothing comes, and has the
-deployed grid retry a reply's objects promptly (`common.flower_retries`). Everything else is
-the wrapped grid's. The simulation's in-memory grid is wrapped the same way (it polls
+deployed grid retry a reply's objects promptly (`common.flower_retries`). It also sends every
+message's ArrayRecords packed, one Array each, and unpacks the replies (`common.packed_arrays`:
+42 objects a model message become 7); a reply that does not unpack is handed on as an error
+reply of that site, never as a crash of the round. Everything else is the wrapped grid's. The simulation's in-memory grid is wrapped the same way (it polls
 every 0.1 s itself; the wrapper changes nothing it can measure).
 """
 
@@ -15,11 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid import grpc_grid
 
 from common.flower_retries import prompt_object_retries
+from common.packed_arrays import PackingError, packed, unpacked
 
 FIRST_POLL_S = 0.02
 MAX_POLL_S = 0.25
@@ -45,10 +49,11 @@ class PromptGrid(Grid):
         return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
+        # The packed copies share the messages' metadata: the ids the grid sets are the caller's too.
+        return self._grid.push_messages([packed(message) for message in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
+        return [_unpacked_or_error(reply) for reply in self._grid.pull_messages(message_ids)]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Pushes `messages`, then pulls until every reply is in or `timeout` seconds have passed."""
@@ -68,3 +73,11 @@ class PromptGrid(Grid):
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
+
+
+def _unpacked_or_error(reply: Message) -> Message:
+    try:
+        return unpacked(reply)
+    except PackingError as error:
+        return Message(error=Error(code=ErrorCode.UNKNOWN, reason=f"the site's reply does not unpack: {error}"),
+                       metadata=reply.metadata)
