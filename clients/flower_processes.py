@@ -5,11 +5,15 @@ after a pull that found no message and 0.5 s while it waits for a reply to push,
 message's objects the SuperLink does not hold yet after 1 s, 2 s, 4 s..., and the SuperExec it
 starts polls for tasks every 1 s. On a loopback federation that is most of a round.
 ``python -m clients.flower_processes supernode ARGS`` runs Flower's own ``flower-supernode``
-with those modules' ``time.sleep`` capped at `POLL_S` and object retries made prompt
+with those modules' ``time.sleep`` replaced (`_PollingTime`) and object retries made prompt
 (`common.flower_retries`); the SuperExec it starts hands tasks to the site's worker
-(`clients.task_handoff`). It reaches into two private Flower modules, so
-the Flower version is pinned and `tests/test_flower_contract.py` fails loudly when either
-module changes the waits it relies on.
+(`clients.task_handoff`). A loop's wait before it asks again for work (the SuperNode's 3 s, the
+SuperExec's 1 s) lasts a tenth of the time since the loop last had work, 0.02 s to 1 s
+(`common.polling`): prompt between the messages of a round, about one request a second from an
+idle site. A wait on the process's own in-memory state (the
+SuperNode waiting for its reply) lasts at most `LOCAL_WAIT_S`. It reaches into two private
+Flower modules, so the Flower version is pinned and `tests/test_flower_contract.py` fails
+loudly when either module changes the waits or the functions it relies on.
 
 It also puts its own pid in ``MAMMOFL_SITE_PID``, which the SuperExec and every ClientApp
 process inherit: the thin ClientApp ties the site worker's life to it (`clients.thin_app`).
@@ -17,16 +21,19 @@ process inherit: the thin ClientApp ties the site worker's life to it (`clients.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from common.flower_retries import prompt_object_retries
+from common.polling import ACTIVE_POLL_S, IDLE_POLL_S, poll_pause
 
-POLL_S = 0.1
+LOCAL_WAIT_S = 0.01  # any other wait (on the process's own in-memory state)
 SITE_PID_ENV = "MAMMOFL_SITE_PID"  # the SuperNode's pid: the site worker lives as long as it
 SITE_THREADS_ENV = "MAMMOFL_SITE_THREADS"  # PyTorch threads of the site worker (unset: all cores)
 SITE_STATE_ENV = "MAMMOFL_SITE_STATE_DIR"  # the site's state folder: where its workers' info files are
@@ -46,15 +53,42 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-class _PromptTime:
-    """`time` as the patched module sees it: every sleep at most `POLL_S`."""
+class _PollingTime:
+    """`time` as a patched Flower module sees it, with its sleeps shortened.
+
+    A sleep of `poll_s` seconds (the module's wait before it asks again for work) lasts
+    `common.polling.poll_pause` of the time since `worked` was last called; any other sleep at
+    most `LOCAL_WAIT_S`. Never longer than Flower's own.
+    """
+
+    def __init__(self, poll_s: float) -> None:
+        self._poll_s = poll_s
+        self._last_work = time.monotonic()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, POLL_S))
+    def worked(self) -> None:
+        self._last_work = time.monotonic()
+
+    def pause(self, seconds: float) -> float:
+        if seconds != self._poll_s:
+            return min(seconds, LOCAL_WAIT_S)
+        return min(seconds, poll_pause(time.monotonic() - self._last_work))
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.pause(seconds))
+
+
+def _marking_work(function: Callable[..., Any], clock: _PollingTime, *, when: Callable[[Any], bool]) -> Callable[..., Any]:
+    """`function`, calling ``clock.worked()`` after each call whose result `when` accepts."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = function(*args, **kwargs)
+        if when(result):
+            clock.worked()
+        return result
+    return wrapper
 
 
 class _SubprocessLaunchingPromptSuperExec:
@@ -75,11 +109,17 @@ def supernode(arguments: list[str]) -> None:
     from flwr.supernode.cli import flower_supernode
 
     os.environ[SITE_PID_ENV] = str(os.getpid())
-    start_client_internal.time = _PromptTime()
+    clock = start_client_internal.time = _PollingTime(poll_s=3)
+    # Work: a message pulled (it returns the message's run id, None when there was none), a reply pushed.
+    start_client_internal._pull_and_store_message = _marking_work(
+        start_client_internal._pull_and_store_message, clock, when=lambda run_id: run_id is not None)
+    start_client_internal._push_messages = _marking_work(start_client_internal._push_messages, clock,
+                                                         when=lambda _: True)
     # A message's objects the SuperLink does not hold yet (the ServerApp is still pushing them).
     prompt_object_retries(start_client_internal, "pull_objects")
     start_client_internal.subprocess = _SubprocessLaunchingPromptSuperExec()
-    print(f"mammofl: SuperNode {os.getpid()} with idle waits of at most {POLL_S} s", file=sys.stderr, flush=True)
+    print(f"mammofl: SuperNode {os.getpid()} polling every {ACTIVE_POLL_S}-{IDLE_POLL_S} s", file=sys.stderr,
+          flush=True)
     sys.argv = ["flower-supernode", *arguments]
     flower_supernode()
 
@@ -93,7 +133,10 @@ def superexec(arguments: list[str]) -> None:
 
     from clients.task_handoff import HandoffClientAppPlugin
 
-    run_superexec.time = _PromptTime()
+    clock = run_superexec.time = _PollingTime(poll_s=1)
+    # Work: a task claimed and launched (handed to the site worker or started as a process).
+    run_superexec._handle_launch_result = _marking_work(run_superexec._handle_launch_result, clock,
+                                                        when=lambda _: True)
     cli = importlib.import_module("flwr.supercore.cli.flower_superexec")  # the module, not its function
     plugin_and_stub = cli._get_plugin_and_stub_class
 
@@ -102,7 +145,7 @@ def superexec(arguments: list[str]) -> None:
         return (HandoffClientAppPlugin, stub) if plugin is ClientAppExecPlugin else (plugin, stub)
 
     cli._get_plugin_and_stub_class = with_handoff
-    print(f"mammofl: SuperExec {os.getpid()} polling every {POLL_S} s, handing tasks to the site worker",
+    print(f"mammofl: SuperExec {os.getpid()} polling every {ACTIVE_POLL_S}-{IDLE_POLL_S} s, handing tasks to the site worker",
           file=sys.stderr, flush=True)
     sys.argv = ["flower-superexec", *arguments]
     flower_superexec()

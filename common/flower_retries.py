@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.2
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.05
 
 
 def prompt_object_retries(module: ModuleType, name: str) -> None:

@@ -1,34 +1,43 @@
-"""A message's ArrayRecords sent as one Array each: fewer objects for Flower to move.
+"""A message's ArrayRecords sent packed into one ConfigRecord: fewer objects for Flower to move.
 
 Flower 1.32 moves a message as a tree of objects, one per record, per Array and per array
 chunk, and every hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back) moves each
 object with its own request: the SuperLink runs several SQL queries per request (the run's
-status, the traffic counters, the node's key, the object itself). A 25-tensor model is 42
-objects a message, most of a deployed round's time. `pack_content` turns each ArrayRecord of
-a message into an ArrayRecord of one byte Array (the arrays' own serialised bytes, end to
-end) and records the layout (each array's key, dtype, shape, stype, length) in a ConfigRecord
-named `LAYOUT_RECORD`; `unpack_content` restores the ArrayRecords exactly, Array by Array.
+status, the traffic counters, the node's key, the object itself). A 25-tensor model is 44
+objects a message, most of a deployed round's time. `pack_content` moves each ArrayRecord of a
+message into one ConfigRecord named `LAYOUT_RECORD`: under ``layout:<record name>`` each
+array's key, dtype, shape, stype and length (JSON), under ``bytes:<record name>`` the arrays'
+own serialised bytes, end to end. `unpack_content` restores the ArrayRecords exactly, Array by
+Array (after the message's other records: code reads records by name). A model message becomes 4 objects (the message, its RecordDict, the packed record and the
+config record).
+
+A record whose arrays exceed `MAX_PACKED_BYTES` stays as Flower sends it: Flower splits arrays
+into 5 MiB chunks so that no request is large, and for such a model (a ResNet-50 is 94 MB) the
+transfer, not the count of objects, is the cost.
 
 The ServerApp's grid (`server.prompt_grid`) packs what it sends and unpacks what it receives,
 and the ClientApp's first mod (`packed_arrays_mod`) does the same on the site, so the
 strategies, SecAgg+ and the site's round see the ArrayRecords they built. A message without
-the layout record is left as it is. A layout that does not fit its bytes (a hostile or broken
-sender) raises `PackingError`, naming what is wrong; nothing in it is executed (the arrays'
-bytes are parsed by Flower's ``Array.numpy``, without pickle).
+the packed record is left as it is. A packed record that does not describe its bytes (a
+hostile or broken sender) raises `PackingError`, naming what is wrong; nothing in it is
+executed (the arrays' bytes are parsed by Flower's ``Array.numpy``, without pickle).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SType
 
-PACKED_KEY = "mammofl.packed"  # the one Array of a packed ArrayRecord
-LAYOUT_RECORD = "mammofl.array-layout"  # ConfigRecord: record name -> its arrays' layout (JSON)
+LAYOUT_RECORD = "mammofl.packed-arrays"  # the ConfigRecord holding every packed ArrayRecord
+LAYOUT_PREFIX, BYTES_PREFIX = "layout:", "bytes:"  # + record name: its arrays' layout (JSON), their bytes
 LAYOUT_FORMAT = 1
+MAX_PACKED_BYTES = 16 * 2**20  # a larger ArrayRecord goes in Flower's own 5 MiB chunks
 
 
 class PackingError(ValueError):
@@ -52,53 +61,86 @@ def array_record(entries: list[dict[str, Any]], payloads: list[bytes]) -> ArrayR
 
 
 def pack_content(content: RecordDict) -> RecordDict:
-    """`content` with every non-empty ArrayRecord as one byte Array, and the layout to undo it."""
+    """`content` with every non-empty ArrayRecord moved into one ConfigRecord: its layout and its bytes."""
     if LAYOUT_RECORD in content:
         raise PackingError(f"the content already has a record named {LAYOUT_RECORD!r}")
     records: dict[str, Any] = {}
-    layouts: dict[str, str] = {}
+    packed_records: dict[str, Any] = {}
     for name, record in content.items():
         if not isinstance(record, ArrayRecord) or len(record) == 0:
             records[name] = record
             continue
         entries, payloads = array_entries(record)
+        if sum(map(len, payloads)) > MAX_PACKED_BYTES:
+            records[name] = record
+            continue
         for entry, payload in zip(entries, payloads, strict=True):
             entry["bytes"] = len(payload)
-        layouts[name] = json.dumps({"format": LAYOUT_FORMAT, "arrays": entries})
-        records[name] = ArrayRecord({PACKED_KEY: Array(np.frombuffer(b"".join(payloads), dtype=np.uint8))})
-    if not layouts:
+        packed_records[LAYOUT_PREFIX + name] = json.dumps({"format": LAYOUT_FORMAT, "arrays": entries})
+        packed_records[BYTES_PREFIX + name] = b"".join(payloads)
+    if not packed_records:
         return content
-    records[LAYOUT_RECORD] = ConfigRecord(layouts)
+    records[LAYOUT_RECORD] = ConfigRecord(packed_records)
     return RecordDict(records)
 
 
 def unpack_content(content: RecordDict) -> RecordDict:
-    """The content `pack_content` was given; content without a layout record as it is."""
+    """The content `pack_content` was given; content without a packed record as it is."""
     if LAYOUT_RECORD not in content:
         return content
-    layouts = content[LAYOUT_RECORD]
-    if not isinstance(layouts, ConfigRecord):
-        raise PackingError(f"{LAYOUT_RECORD!r} is a {type(layouts).__name__}; valid: a ConfigRecord")
+    packed_records = content[LAYOUT_RECORD]
+    if not isinstance(packed_records, ConfigRecord):
+        raise PackingError(f"{LAYOUT_RECORD!r} is a {type(packed_records).__name__}; valid: a ConfigRecord")
     records: dict[str, Any] = {name: record for name, record in content.items() if name != LAYOUT_RECORD}
-    for name, layout in layouts.items():
-        record = records.get(name)
-        if not isinstance(record, ArrayRecord) or list(record.keys()) != [PACKED_KEY]:
-            raise PackingError(f"record {name!r} has a layout but is not a packed ArrayRecord "
-                               f"(valid: an ArrayRecord holding only {PACKED_KEY!r})")
-        entries = _entries(name, layout)
-        data = record[PACKED_KEY].numpy()
-        if data.dtype != np.uint8 or data.ndim != 1:
-            raise PackingError(f"record {name!r}: the packed array is {data.dtype} of shape {data.shape}; "
-                               "valid: a 1-D uint8 array")
+    keys = set(packed_records.keys())
+    names = {key.removeprefix(prefix) for key in keys for prefix in (LAYOUT_PREFIX, BYTES_PREFIX)
+             if key.startswith(prefix)}
+    expected = {LAYOUT_PREFIX + name for name in names} | {BYTES_PREFIX + name for name in names}
+    if keys != expected:
+        raise PackingError(f"{LAYOUT_RECORD!r} lacks {sorted(expected - keys)} and holds {sorted(keys - expected)}; "
+                           f"valid: a {LAYOUT_PREFIX!r} (JSON str) and a {BYTES_PREFIX!r} (bytes) key per record")
+    for name in sorted(names):
+        if name in records:
+            raise PackingError(f"record {name!r} is in the message and packed too")
+        data = packed_records[BYTES_PREFIX + name]
+        if not isinstance(data, bytes):
+            raise PackingError(f"record {name!r}: the packed arrays are a {type(data).__name__}; valid: bytes")
+        entries = _entries(name, packed_records[LAYOUT_PREFIX + name])
         sizes = [entry.pop("bytes") for entry in entries]
-        if sum(sizes) != data.size:
-            raise PackingError(f"record {name!r}: the layout names {sum(sizes)} bytes, the packed array holds "
-                               f"{data.size}")
-        ends = np.cumsum(sizes).tolist()
+        if sum(sizes) != len(data):
+            raise PackingError(f"record {name!r}: the layout names {sum(sizes)} bytes, the packed record holds "
+                               f"{len(data)}")
         view = memoryview(data)
+        ends = np.cumsum(sizes, dtype=np.int64).tolist()
         payloads = [bytes(view[end - size:end]) for size, end in zip(sizes, ends, strict=True)]
+        for entry, payload in zip(entries, payloads, strict=True):
+            _check_npy_header(name, entry, payload)
         records[name] = array_record(entries, payloads)
     return RecordDict(records)
+
+
+def _check_npy_header(name: str, entry: dict[str, Any], payload: bytes) -> None:
+    """A NumPy array's bytes declare the dtype and shape its entry names (Flower reads them, not the entry).
+
+    An entry with no dtype and shape ``[]`` declares nothing: Flower's legacy ``Parameters``
+    conversion (``flwr.compat``, used by SecAgg+) builds its Arrays so, the empty-model marker
+    with no bytes at all.
+    """
+    if entry["stype"] != SType.NUMPY or (entry["dtype"] == "" and entry["shape"] == []):
+        return
+    stream = io.BytesIO(payload)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f".npy version {version}; valid: 1.0 or 2.0")
+        shape, _, dtype = read_header(stream)  # what np.load reads
+    except (ValueError, OSError) as error:
+        raise PackingError(f"record {name!r}, array {entry['key']!r}: its bytes are not a .npy array ({error})") from None
+    if list(shape) != entry["shape"] or str(dtype) != entry["dtype"]:
+        raise PackingError(f"record {name!r}, array {entry['key']!r}: its bytes hold {dtype} {list(shape)}, "
+                           f"the layout names {entry['dtype']} {entry['shape']}")
 
 
 def _entries(name: str, layout: Any) -> list[dict[str, Any]]:

@@ -4,11 +4,13 @@ Flower 1.32's deployed grid (`GrpcGrid.send_and_receive`) sleeps 3 s between pul
 so every message round trip of a deployed federation costs up to 3 s of waiting: on a SecAgg+
 round (four messages) that alone is 12 s. `PromptGrid` wraps the grid a ServerApp is given and
 implements ``send_and_receive`` with the Grid's own public ``push_messages``/``pull_messages``,
-polling after `FIRST_POLL_S` and backing off to `MAX_POLL_S` while nothing comes, and has the
+polling as `common.polling` says (after a tenth of the time since the push or the last reply,
+0.02 s to 1 s: a reply waits at most a tenth of its own round trip longer), and has the
 deployed grid retry a reply's objects promptly (`common.flower_retries`). It also sends every
-message's ArrayRecords packed, one Array each, and unpacks the replies (`common.packed_arrays`:
-42 objects a model message become 7); a reply that does not unpack is handed on as an error
-reply of that site, never as a crash of the round. Everything else is the wrapped grid's. The simulation's in-memory grid is wrapped the same way (it polls
+message's ArrayRecords packed into one ConfigRecord and unpacks the replies
+(`common.packed_arrays`: the 44 objects of a model message become 4); a reply that does not
+unpack is handed on as an error reply of that site, never as a crash of the round. Everything
+else is the wrapped grid's. The simulation's in-memory grid is wrapped the same way (it polls
 every 0.1 s itself; the wrapper changes nothing it can measure).
 """
 
@@ -24,10 +26,7 @@ from flwr.superlink.grid import grpc_grid
 
 from common.flower_retries import prompt_object_retries
 from common.packed_arrays import PackingError, packed, unpacked
-
-FIRST_POLL_S = 0.02
-MAX_POLL_S = 0.25
-BACKOFF = 1.5
+from common.polling import poll_pause
 
 
 class PromptGrid(Grid):
@@ -60,14 +59,16 @@ class PromptGrid(Grid):
         waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        pause = FIRST_POLL_S
+        last_work = time.monotonic()
         while waiting:
             arrived = list(self.pull_messages(waiting))
             replies += arrived
             waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
-            pause = FIRST_POLL_S if arrived else min(MAX_POLL_S, pause * BACKOFF)
+            if arrived:
+                last_work = time.monotonic()
+            pause = poll_pause(time.monotonic() - last_work)
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
         return replies
 

@@ -32,6 +32,25 @@ def test_the_waits_we_shorten_are_module_level_time_sleeps(module_name, waits):
         assert wait in source, f"{module_name} no longer waits with {wait}"
 
 
+@pytest.mark.parametrize(("module_name", "loop", "calls", "work"), [
+    # The SuperNode: a pull returns the message's run id (None when there was none), then it pushes.
+    ("flwr.supernode.start_client_internal", "start_client_internal",
+     ["run_id = _pull_and_store_message(", "_push_messages("], "if run_id is None:"),
+    # The SuperExec: a claimed task is launched, then its result handled.
+    ("flwr.supercore.superexec.run_superexec", "run_superexec", ["_handle_launch_result(launch_result, task)"], None),
+])
+def test_the_loops_call_the_module_functions_we_mark_as_work_by_name(module_name, loop, calls, work):
+    # `clients.flower_processes` wraps these to know when a loop last had work (its adaptive polls).
+    import importlib
+
+    module = importlib.import_module(module_name)
+    source = inspect.getsource(getattr(module, loop))
+    for call in calls:
+        assert call in source, f"{module_name}.{loop} no longer calls {call}"
+        assert inspect.isfunction(getattr(module, call.split("(")[0].split("= ")[-1]))
+    assert work is None or work in source
+
+
 def test_the_supernode_pulls_a_messages_objects_through_a_module_level_pull_objects():
     from flwr.supernode import start_client_internal
 
