@@ -19,7 +19,8 @@ The ServerApp's grid (`server.prompt_grid`) packs what it sends and unpacks what
 and the ClientApp's first mod (`packed_arrays_mod`) does the same on the site, so the
 strategies, SecAgg+ and the site's round see the ArrayRecords they built. A message without
 the packed record is left as it is. A packed record that does not describe its bytes (a
-hostile or broken sender) raises `PackingError`, naming what is wrong; nothing in it is
+hostile or broken sender: sizes, keys, bytes that are not a plain-data .npy array of the dtype
+and shape its entry names) raises `PackingError`, naming what is wrong; nothing in it is
 executed (the arrays' bytes are parsed by Flower's ``Array.numpy``, without pickle).
 """
 
@@ -120,13 +121,17 @@ def unpack_content(content: RecordDict) -> RecordDict:
 
 
 def _check_npy_header(name: str, entry: dict[str, Any], payload: bytes) -> None:
-    """A NumPy array's bytes declare the dtype and shape its entry names (Flower reads them, not the entry).
+    """A NumPy array's bytes are a .npy array of plain data with the dtype and shape its entry
+    names (Flower reads the bytes' own header, not the entry).
 
     An entry with no dtype and shape ``[]`` declares nothing: Flower's legacy ``Parameters``
-    conversion (``flwr.compat``, used by SecAgg+) builds its Arrays so, the empty-model marker
-    with no bytes at all.
+    conversion (``flwr.compat``, used by SecAgg+) builds its Arrays so, and its empty-model
+    marker has no bytes at all; the bytes of such an entry are still checked to be a .npy array.
     """
-    if entry["stype"] != SType.NUMPY or (entry["dtype"] == "" and entry["shape"] == []):
+    if entry["stype"] != SType.NUMPY:
+        return
+    declared = not (entry["dtype"] == "" and entry["shape"] == [])
+    if not declared and payload == b"":
         return
     stream = io.BytesIO(payload)
     try:
@@ -138,7 +143,10 @@ def _check_npy_header(name: str, entry: dict[str, Any], payload: bytes) -> None:
         shape, _, dtype = read_header(stream)  # what np.load reads
     except (ValueError, OSError) as error:
         raise PackingError(f"record {name!r}, array {entry['key']!r}: its bytes are not a .npy array ({error})") from None
-    if list(shape) != entry["shape"] or str(dtype) != entry["dtype"]:
+    if dtype.hasobject:
+        raise PackingError(f"record {name!r}, array {entry['key']!r}: its bytes hold Python objects ({dtype}), "
+                           "which only pickle reads; valid: numbers")
+    if declared and (list(shape) != entry["shape"] or str(dtype) != entry["dtype"]):
         raise PackingError(f"record {name!r}, array {entry['key']!r}: its bytes hold {dtype} {list(shape)}, "
                            f"the layout names {entry['dtype']} {entry['shape']}")
 

@@ -175,6 +175,24 @@ def test_bytes_that_are_not_a_numpy_array_are_refused():
         unpack_content(_replaced(packed, bytes__arrays=b"x" * size))
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "undeclared"])
+def test_an_array_of_python_objects_is_refused(declared):
+    import io as _io
+
+    buffer = _io.BytesIO()
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)  # what a hostile peer could send
+    hostile = Array(dtype="object" if declared else "", shape=(1,) if declared else (), stype="numpy.ndarray",
+                    data=buffer.getvalue())
+    with pytest.raises(PackingError, match="'0': its bytes hold Python objects"):
+        unpack_content(pack_content(RecordDict({"arrays": ArrayRecord({"0": hostile})})))
+
+
+def test_undeclared_bytes_that_are_not_a_numpy_array_are_refused():
+    hostile = Array(dtype="", shape=(), stype="numpy.ndarray", data=b"not an array")
+    with pytest.raises(PackingError, match="'0': its bytes are not a .npy array"):
+        unpack_content(pack_content(RecordDict({"arrays": ArrayRecord({"0": hostile})})))
+
+
 def test_the_client_mod_hands_the_app_arrays_and_packs_its_reply():
     from flwr.app import Context
 
