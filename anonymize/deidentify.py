@@ -47,7 +47,13 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
+from pydicom.encaps import generate_frames
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage, RLELossless
+
+try:  # the RLE Lossless plugin pydicom decodes with (pylibjpeg-rle, a dependency)
+    from rle import decode_pixel_data as decode_rle
+except ImportError:  # pragma: no cover - pydicom then decodes RLE itself, slower
+    decode_rle = None
 
 from anonymize import iod
 from anonymize.dates import DateValueError, shift_date, shift_datetime
@@ -570,7 +576,8 @@ def _decoded_pixels(ds: Dataset) -> tuple[np.ndarray, bool]:
                                               "burned-in text cannot be checked")
     try:
         view = _native_view(ds)
-        array = ds.pixel_array if view is None else view
+        array = view if view is not None else _rle_decoded(ds)
+        array = ds.pixel_array if array is None else array
     except (ValueError, RuntimeError, AttributeError, KeyError, TypeError) as exc:
         raise Quarantined("truncated", f"the pixel data cannot be decoded: truncated, or image attributes "
                                        f"(group 0028) inconsistent ({type(exc).__name__})") from exc
@@ -601,6 +608,38 @@ def _native_view(ds: Dataset) -> np.ndarray | None:
     if len(ds.PixelData) < count * dtype.itemsize:
         return None  # pydicom names what is missing
     array = np.frombuffer(ds.PixelData, dtype=dtype, count=count)
+    if int(ds.BitsStored) < 8 * dtype.itemsize and int(array.max()) >> int(ds.BitsStored):
+        return None  # pydicom clears the unused bits
+    return array
+
+
+def _rle_decoded(ds: Dataset) -> np.ndarray | None:
+    """Unsigned greyscale RLE Lossless decoded straight by the RLE plugin pydicom itself would use
+    (pylibjpeg-rle), frame by frame into one writable array. None whenever pydicom would do more
+    (colour, sign, bits above Bits Stored to clear, no plugin, anything malformed: pydicom then
+    decodes or names the fault), so the result is exactly what `ds.pixel_array` would give. Skips
+    pydicom's copies of each frame, a fifth of an RLE mammogram's decoding time."""
+    if (ds.file_meta.get("TransferSyntaxUID") != RLELossless or decode_rle is None
+            or ds.get("PhotometricInterpretation") not in GRAYSCALE_INTERPRETATIONS
+            or int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0) != 0
+            or ds.get("BitsAllocated") not in (8, 16)):
+        return None
+    frames, pixels = int(ds.get("NumberOfFrames") or 1), int(ds.Rows) * int(ds.Columns)
+    bits_allocated = int(ds.BitsAllocated)
+    dtype = np.dtype(np.uint8 if bits_allocated == 8 else "<u2")
+    decoded = []
+    try:
+        for fragment in generate_frames(ds.PixelData, number_of_frames=frames):
+            frame = np.frombuffer(decode_rle(fragment, version=2, rows=int(ds.Rows), columns=int(ds.Columns),
+                                             bits_allocated=bits_allocated, byteorder="<"), dtype=dtype)
+            if frame.size != pixels or len(decoded) == frames:
+                return None  # pydicom's decoder names what does not fit
+            decoded.append(frame)
+    except (ValueError, RuntimeError, TypeError, struct.error):
+        return None
+    if len(decoded) != frames:
+        return None
+    array = decoded[0] if frames == 1 else np.concatenate(decoded)  # one frame: the decoder's own buffer
     if int(ds.BitsStored) < 8 * dtype.itemsize and int(array.max()) >> int(ds.BitsStored):
         return None  # pydicom clears the unused bits
     return array

@@ -16,15 +16,20 @@ Without --data, the images are synthesised into a temporary folder first (about 
 Inputs and outputs live in /dev/shm unless --scratch says otherwise: on this VM a disk's
 writeback throttling starts after ~200 MB written and then, not the tools, decides the ratio.
 
-Measured on the 2-core development machine, 12 files of 22 MB, best of 3, three runs
-(2026-12-04): dicognito 52-54 files/s; mammofl without the pixel check 1.04-1.05x, with it
-0.29x on 1 worker (15.4 files/s) and 0.47-0.49x on both cores (25-26 files/s). Before that
-day's changes: 0.18-0.19x and 0.24-0.29x. Per file with the check, 1 worker: ~18 ms finding and
-blanking text (air, breast and ink on a 512-block grid; text lines inside the breast on a grid
-twice as fine, pooled only where full-scale ink meets the breast), ~44 ms decoding each RLE file
-(pylibjpeg-rle; uncompressed pixels are read in place, no decoding), ~10 ms the two BLAKE3 digests,
-~12 ms reading and writing (native pixel data written straight from its buffer), the rest parsing
-and the profile's walk.
+Measured on the 2-core development machine, 12 files of 22 MB, best of 3, three runs each
+alternating with the previous commit (2026-12-07): mammofl with the pixel check on both cores
+0.53-0.56x (previous commit 0.43-0.47x; 2026-12-04: 0.47-0.49x), on 1 worker 0.29-0.31x,
+without the pixel check 1.10-1.16x; dicognito 40-45 files/s that day. What made the difference:
+the pool workers keep freed image buffers for reuse (`keep_freed_image_memory`: glibc no longer
+hands each file's 25 MB buffers back to the kernel to fault in and zero again) and RLE frames
+are decoded by pylibjpeg-rle straight into their array. "1 worker" runs inline in this process,
+whose allocator the library leaves alone (the CLI tunes its own). Per file with the check,
+1 worker, allocator tuned: ~24 ms finding and blanking text (air, breast and ink on a 512-block
+grid; text lines inside the breast on a grid twice as fine, pooled only where full-scale ink
+meets the breast; a second pass after blanking), ~12 ms decoding (~45 ms each RLE file;
+uncompressed pixels are read in place), ~12 ms the two BLAKE3 digests, ~15 ms reading and
+writing (native pixel data written straight from its buffer), the rest parsing, the re-read
+check and the profile's walk.
 """
 
 from __future__ import annotations

@@ -212,6 +212,46 @@ def test_bits_above_bits_stored_are_cleared_as_pydicom_clears_them() -> None:
     assert int(_decoded_pixels(ds)[0].max()) < 1 << 12
 
 
+def _rle(ds: pydicom.Dataset) -> pydicom.Dataset:
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    return ds
+
+
+@pytest.mark.parametrize("ds", [
+    _rle(_image(16, 12)), _rle(_image(16, 16)), _rle(_image(8, 8, shape=(5, 7))),
+    _rle(_image(16, 14, photometric="MONOCHROME1")), _rle(_image(16, 12, frames=3)),
+], ids=["12-bit", "16-bit", "8-bit-odd", "monochrome1", "multi-frame"])
+def test_rle_pixels_are_decoded_exactly_as_pydicom_decodes_them(ds) -> None:
+    from anonymize.deidentify import _decoded_pixels, _rle_decoded
+
+    decoded = _rle_decoded(ds)
+    assert decoded is not None and decoded.flags.writeable  # blanking needs no copy of its own
+    array, in_place = _decoded_pixels(ds)
+    assert not in_place and np.array_equal(array.reshape(ds.pixel_array.shape), ds.pixel_array)
+
+
+def test_rle_pixels_pydicom_would_correct_or_refuse_go_through_pydicom() -> None:
+    from anonymize.deidentify import _decoded_pixels, _rle_decoded
+
+    assert _rle_decoded(_rle(_image(16, 12, signed=True))) is None
+    assert _rle_decoded(_image(16, 12)) is None  # not RLE
+    high_bits = _image(16, 12)
+    values = np.frombuffer(high_bits.PixelData, dtype="<u2").copy()
+    values[::5] |= 0x8000
+    high_bits.PixelData = values.tobytes()
+    high_bits = _rle(high_bits)
+    assert _rle_decoded(high_bits) is None
+    assert int(_decoded_pixels(high_bits)[0].max()) < 1 << 12  # cleared by pydicom, as before
+    one_frame_short = _rle(_image(16, 12, frames=3))
+    one_frame_short.NumberOfFrames = 4
+    assert _rle_decoded(one_frame_short) is None
+    cut = _rle(_image(16, 12))
+    cut.PixelData = cut.PixelData[:len(cut.PixelData) // 2]
+    assert _rle_decoded(cut) is None
+    with pytest.raises(Quarantined):
+        _decoded_pixels(cut)
+
+
 @pytest.mark.parametrize("ds", [
     _image(16, 12), _image(8, 8, shape=(5, 7)), _image(16, 12, syntax=pydicom.uid.ImplicitVRLittleEndian),
     _image(16, 12, syntax=pydicom.uid.ExplicitVRBigEndian),
