@@ -13,9 +13,7 @@ need; the paths themselves are not de-identified), "uid" names each output
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -41,14 +39,10 @@ from anonymize.private import SafePrivateList, load_safe_private
 from anonymize.profile import DEFAULT_OPTIONS, DeidentificationOptions
 from anonymize.secret import key_id, load_secret
 from anonymize.vocabulary import Vocabulary, load_vocabulary
+from common.allocator import keep_freed_memory
 from common.errors import ConfigError
 
 LAYOUTS: Final = ("mirror", "uid")
-# glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64 bits.
-M_TRIM_THRESHOLD: Final = -1
-M_MMAP_THRESHOLD: Final = -3
-MMAP_THRESHOLD_MAX: Final = 32 * 1024 * 1024
-TRIM_THRESHOLD: Final = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -129,25 +123,11 @@ def _start_worker(job: _Job) -> None:
 
 
 def _start_pool_worker(job: _Job) -> None:
-    keep_freed_image_memory()  # a worker process is ours alone: tune its allocator for the batch
+    # A worker process is ours alone: let it reuse each file's freed image buffers instead of the
+    # kernel faulting in and zeroing 25 MB again per file, a sixth of a worker's time (12
+    # full-field files, one worker: 89 ms per file without, 75 ms with).
+    keep_freed_memory()
     _start_worker(job)
-
-
-def keep_freed_image_memory() -> bool:
-    """Let glibc's malloc reuse a freed image buffer instead of handing it back to the kernel.
-
-    Every file allocates and frees a few buffers of its pixel data's size (25 MB for a full-field
-    mammogram). Above glibc's mmap threshold each is a fresh mapping whose pages the kernel must
-    fault in and zero again, file after file: a sixth of a worker's time (12 full-field files,
-    one worker: 89 ms per file without this, 75 ms with it). With
-    buffers of up to 32 MB served from the heap and up to 256 MB of freed heap kept, they are
-    reused; the process keeps its peak heap instead of shrinking between files. For a process
-    that does nothing but the batch (a pool worker, the CLI). False where libc is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                          TRIM_THRESHOLD))
 
 
 def _process(path: Path) -> AuditRecord:

@@ -20,7 +20,7 @@ Measured on the 2-core development machine, 12 files of 22 MB, best of 3, three 
 alternating with the previous commit (2026-12-07): mammofl with the pixel check on both cores
 0.53-0.56x (previous commit 0.43-0.47x; 2026-12-04: 0.47-0.49x), on 1 worker 0.29-0.31x,
 without the pixel check 1.10-1.16x; dicognito 40-45 files/s that day. What made the difference:
-the pool workers keep freed image buffers for reuse (`keep_freed_image_memory`: glibc no longer
+the pool workers keep freed image buffers for reuse (`common.allocator`: glibc no longer
 hands each file's 25 MB buffers back to the kernel to fault in and zero again) and RLE frames
 are decoded by pylibjpeg-rle straight into their array. "1 worker" runs inline in this process,
 whose allocator the library leaves alone (the CLI tunes its own). Per file with the check,

@@ -223,11 +223,12 @@ def _add_privacy_commands(commands) -> None:
 
 
 def _anonymize(args: argparse.Namespace) -> int:
-    from anonymize.batch import keep_freed_image_memory, run_anonymize
+    from anonymize.batch import run_anonymize
     from anonymize.profile import DEFAULT_OPTION_NAMES, parse_options
     from anonymize.secret import create_secret
+    from common.allocator import keep_freed_memory
 
-    keep_freed_image_memory()  # this process runs only the batch
+    keep_freed_memory()  # this process runs only the batch (common.allocator)
     if args.create_secret:
         create_secret(args.secret_file)
     options = parse_options(args.options if args.options is not None else ",".join(DEFAULT_OPTION_NAMES))

@@ -146,37 +146,3 @@ def test_secret_files_are_created_private_and_refused_when_missing_or_open(tmp_p
 def load_secret_unchecked(path: Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
-
-REUSE_PROBE = """
-import resource, sys
-import numpy as np
-from anonymize.batch import keep_freed_image_memory
-tuned = sys.argv[1] == "tuned" and keep_freed_image_memory()
-def one_file():  # what a file's processing holds at once: read, decoded, blanked copy, output
-    buffers = [np.ones(12_800_000, dtype=np.uint16) for _ in range(4)]
-    del buffers
-one_file()  # the first file settles glibc's own adaptive threshold
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    one_file()
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="glibc's allocator on Linux only")
-def test_batch_processes_reuse_freed_image_buffers_instead_of_faulting_fresh_pages() -> None:
-    # Without the tuning, glibc hands part of a file's freed buffers back to the kernel (they
-    # exceed its trim threshold), so the next file faults in and zeroes fresh pages (~12,000 in
-    # the probe's 5 files); with it, the freed heap serves the next file.
-    import subprocess
-    import sys
-
-    def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], capture_output=True, text=True, check=True)
-        tuned, count = out.stdout.split()
-        return tuned, int(count)
-
-    assert faults("tuned")[0] == "True"
-    tuned, untuned = faults("tuned")[1], faults("default")[1]
-    assert untuned > 5_000  # the probe does exercise fresh pages
-    assert tuned < untuned / 10
