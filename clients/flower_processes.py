@@ -11,7 +11,9 @@ with those modules' ``time.sleep`` replaced (`_PollingTime`) and object retries 
 SuperExec's 1 s) lasts a tenth of the time since the loop last had work, 0.02 s to 1 s
 (`common.polling`): prompt between the messages of a round, about one request a second from an
 idle site. A wait on the process's own in-memory state (the
-SuperNode waiting for its reply) lasts at most `LOCAL_WAIT_S`. It reaches into two private
+SuperNode waiting for its reply) lasts at most `LOCAL_WAIT_S`. A message the SuperNode received
+but could not pull the objects of is answered with an error reply, so the SuperNode does not wait
+for its reply for ever (`_answering_dropped_messages`). It reaches into two private
 Flower modules, so the Flower version is pinned and `tests/test_flower_contract.py` fails
 loudly when either module changes the waits or the functions it relies on.
 
@@ -80,6 +82,60 @@ class _PollingTime:
         time.sleep(self.pause(seconds))
 
 
+class _DropWatchingState:
+    """A SuperNode's NodeState as `_pull_and_store_message` sees it: every call passes through,
+    and a ``delete_messages`` (which that function calls only when it drops what it received)
+    is noted."""
+
+    def __init__(self, state: Any) -> None:
+        self._state = state
+        self.dropped = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+    def delete_messages(self, *args: Any, **kwargs: Any) -> None:
+        self.dropped = True
+        self._state.delete_messages(*args, **kwargs)
+
+
+def _answering_dropped_messages(pull_and_store: Callable[..., Any], insert_message: Callable[..., None]) -> Callable[..., Any]:
+    """`_pull_and_store_message`, but a message the SuperNode received and then dropped gets an
+    error reply.
+
+    Flower 1.32's SuperNode drops a message whose objects it cannot pull (the SuperLink restarted
+    and lost them, its run ended meanwhile, they never came) yet still returns its run id, and
+    its loop then waits for that message's reply for ever: the site is alive and online and never
+    serves again, and every later run waits for it. Answered with an error, as Flower answers a
+    FAB it cannot verify (`insert_message` is its own `_insert_message`), the loop pushes that
+    reply and goes on; the aggregator sees this site's message as failed, or, for a run that has
+    ended, the SuperLink ignores it."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    @functools.wraps(pull_and_store)
+    def wrapper(*args: Any, state: Any, object_store: Any, receive: Callable[[], Any], **kwargs: Any) -> Any:
+        received: list[Any] = []
+
+        def remembering_receive() -> Any:
+            result = receive()
+            if result is not None:
+                received.append(result[0])
+            return result
+
+        watched = _DropWatchingState(state)
+        run_id = pull_and_store(*args, state=watched, object_store=object_store, receive=remembering_receive,
+                                **kwargs)
+        if run_id is not None and received and watched.dropped:
+            error = Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
+                          reason="the site could not receive this message's objects from the SuperLink")
+            insert_message(Message(error, reply_to=received[0]), state, object_store)
+            print("mammofl: a message whose objects could not be pulled was answered with an error reply",
+                  file=sys.stderr, flush=True)
+        return run_id
+    return wrapper
+
+
 def _marking_work(function: Callable[..., Any], clock: _PollingTime, *, when: Callable[[Any], bool]) -> Callable[..., Any]:
     """`function`, calling ``clock.worked()`` after each call whose result `when` accepts."""
     @functools.wraps(function)
@@ -112,7 +168,9 @@ def supernode(arguments: list[str]) -> None:
     clock = start_client_internal.time = _PollingTime(poll_s=3)
     # Work: a message pulled (it returns the message's run id, None when there was none), a reply pushed.
     start_client_internal._pull_and_store_message = _marking_work(
-        start_client_internal._pull_and_store_message, clock, when=lambda run_id: run_id is not None)
+        _answering_dropped_messages(start_client_internal._pull_and_store_message,
+                                    start_client_internal._insert_message),
+        clock, when=lambda run_id: run_id is not None)
     start_client_internal._push_messages = _marking_work(start_client_internal._push_messages, clock,
                                                          when=lambda _: True)
     # A message's objects the SuperLink does not hold yet (the ServerApp is still pushing them).

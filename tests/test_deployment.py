@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -47,6 +48,7 @@ from server.privacy_ledger import PrivacyLedger
 
 SITES = ("site-01", "site-02", "site-03")
 JOINED = "SuperNode ID:"
+RUN_TIMEOUT_S = 300  # a run here takes under a minute; a hung one fails in 5 min, not 15
 
 
 def deployment_config(root: Path, *, name: str, rounds: int, secure_aggregation: bool = False) -> Path:
@@ -104,6 +106,26 @@ class LoopbackFederation:
             assert self.sites[site_id].poll() is None, self.log(site_id).read_text()[-2000:]
             assert time.monotonic() < deadline, f"{site_id} did not join within {timeout} s"
             time.sleep(0.5)
+
+    def run(self, config_path: Path | None, **kwargs):
+        """`run_federation` here; a run that does not finish fails with what every process of the
+        federation logged last (CI keeps no files)."""
+        try:
+            return run_federation(self.deployment, config_path, timeout=RUN_TIMEOUT_S, **kwargs)
+        except DeploymentError as error:
+            if "still" not in str(error):
+                raise
+            raise DeploymentError(f"{error}\n{self.log_tails()}") from error
+
+    def log_tails(self, lines: int = 25) -> str:
+        logs = [*sorted((self.root / "logs").glob("*.log")), *sorted((self.root / "state").glob("*/workers/*.log")),
+                self.deployment.folder / "superlink.log"]
+        tails = []
+        for path in logs:
+            if path.is_file():
+                text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
+                tails.append(f"--- {path.relative_to(self.root)}\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(tails)
 
     def spent_epsilon(self, site_id: str, config_path: Path) -> float:
         """What the site's own state folder says it has spent."""
@@ -230,7 +252,7 @@ def test_plaintext_grpc_is_refused_when_tls_is_configured(federation):
 @pytest.fixture(scope="module")
 def first_run(federation):
     config_path = deployment_config(federation.root, name="first", rounds=2)
-    run, _ = run_federation(federation.deployment, config_path, timeout=900)
+    run, _ = federation.run(config_path)
     return run, config_path
 
 
@@ -283,7 +305,7 @@ def test_a_killed_site_is_recorded_and_a_restarted_site_keeps_its_spent_budget(f
         stop(federation.sites["site-02"], kill=True)
 
     config_path = deployment_config(federation.root, name="second", rounds=1)
-    run, _ = run_federation(federation.deployment, config_path, timeout=900, on_submit=kill_site_02_once_it_trains)
+    run, _ = federation.run(config_path, on_submit=kill_site_02_once_it_trains)
 
     status = {row["site"]: row["status"] for row in ledger_rows(run)}
     assert status["site-01"] == "refused"  # the restarted site remembers its budget is spent
@@ -305,7 +327,7 @@ def test_secure_aggregation_runs_in_deployment_with_the_killed_site_rejoined(fed
     before = {site_id: train_messages(federation, site_id) for site_id in SITES}
 
     config_path = deployment_config(federation.root, name="secure", rounds=1, secure_aggregation=True)
-    run, _ = run_federation(federation.deployment, config_path, timeout=900)
+    run, _ = federation.run(config_path)
 
     status = {row["site"]: row["status"] for row in ledger_rows(run)}
     assert status == {"site-01": "refused", "site-02": "trained", "site-03": "trained"}
@@ -332,13 +354,13 @@ def test_a_run_resumes_after_the_aggregator_is_killed_and_restarted(federation, 
 
     config_path = deployment_config(federation.root, name="resumed", rounds=2)
     with pytest.raises(DeploymentError, match="stopped answering"):
-        run_federation(federation.deployment, config_path, timeout=900, on_submit=kill_the_aggregator_after_round_one)
+        federation.run(config_path, on_submit=kill_the_aggregator_after_round_one)
     [run_root] = (federation.root / "runs").glob("*-resumed-*")
     assert [row["round"] for row in rounds_of(RunDirectory(run_root))] == [1]
 
     # Same folder, same database: the enrolments survive, and the sites reconnect by themselves.
     federation.superlink = start_superlink(federation.deployment, federation.tls)
-    run, _ = run_federation(federation.deployment, None, resume=run_root, timeout=900)
+    run, _ = federation.run(None, resume=run_root)
 
     assert json.loads((run.root / "deployment.json").read_text())["flwr_run_id"] != killed["flwr_run_id"]
     rounds = rounds_of(run)
@@ -360,8 +382,7 @@ def test_a_site_started_with_its_own_smaller_budget_refuses_a_run_asking_more(fe
     federation.start_site("site-03", budget_epsilon=2.0)
     federation.wait_until_joined("site-03", joins=joins + 1)
 
-    run, _ = run_federation(federation.deployment, deployment_config(federation.root, name="site-budget", rounds=1),
-                            timeout=900)
+    run, _ = federation.run(deployment_config(federation.root, name="site-budget", rounds=1))
 
     rows = {row["site"]: row for row in ledger_rows(run)}
     assert rows["site-03"]["status"] == "refused"

@@ -57,7 +57,8 @@ def test_the_supernode_pulls_a_messages_objects_through_a_module_level_pull_obje
     source = inspect.getsource(start_client_internal)
 
     assert "obj_contents = pull_objects(" in source
-    assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(start_client_internal.pull_objects).parameters)
+    assert {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(
+        inspect.signature(start_client_internal.pull_objects).parameters)
 
 
 def test_the_supernode_starts_its_superexec_by_name_through_subprocess_popen():
@@ -111,7 +112,7 @@ def test_what_a_handed_over_task_runs_is_what_flwr_clientapp_runs():
     assert list(inspect.signature(module.push_task_output).parameters) == ["stub", "context", "sub_status", "details"]
     # ... and pulls the message through this module-level name, which `_prompt_pulls` wraps.
     assert "message = pull_and_inflate_object_from_tree(" in inspect.getsource(module.pull_task_input)
-    assert {"initial_backoff", "backoff_cap"} <= set(
+    assert {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(
         inspect.signature(module.pull_and_inflate_object_from_tree).parameters)
     from flwr.proto.task_pb2 import Task
     from flwr.supercore.superexec.executor import LaunchResult
@@ -124,4 +125,16 @@ def test_the_deployed_grid_pulls_reply_objects_through_a_module_level_pull_objec
     from flwr.superlink.grid import grpc_grid
 
     assert "all_object_contents = pull_objects(" in inspect.getsource(grpc_grid.GrpcGrid)
-    assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(grpc_grid.pull_objects).parameters)
+    assert {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(
+        inspect.signature(grpc_grid.pull_objects).parameters)
+
+
+def test_the_supernode_deletes_a_received_message_only_when_it_drops_it():
+    # `clients.flower_processes._answering_dropped_messages` takes a delete_messages call inside
+    # `_pull_and_store_message` as "dropped", and answers with Flower's own `_insert_message`.
+    from flwr.supernode import start_client_internal
+
+    source = inspect.getsource(start_client_internal._pull_and_store_message)
+    assert source.count("state.delete_messages(") == 1
+    assert source.index("state.delete_messages(") > source.index('"Failed to receive message %s: %s"')
+    assert list(inspect.signature(start_client_internal._insert_message).parameters) == ["msg", "state", "store"]
