@@ -129,6 +129,9 @@ def _answering_dropped_messages(pull_and_store: Callable[..., Any], insert_messa
         if run_id is not None and received and watched.dropped:
             error = Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
                           reason="the site could not receive this message's objects from the SuperLink")
+            message_id = received[0].metadata.message_id
+            state.record_message_processing_start(message_id)  # the reply's runtime: none spent
+            state.record_message_processing_end(message_id)
             insert_message(Message(error, reply_to=received[0]), state, object_store)
             print("mammofl: a message whose objects could not be pulled was answered with an error reply",
                   file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ SuperLink side (receive, pull_object) is played by the test.
 from __future__ import annotations
 
 import functools
+import threading
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -70,12 +71,18 @@ def test_a_message_whose_objects_cannot_be_pulled_is_answered_with_an_error_repl
 
     assert _pull(wrapped, state, store, message, _missing) == RUN_ID
 
-    [reply] = state.get_messages(is_reply=True)
-    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    # The SuperNode's next step, Flower's own `_push_messages`, now has a reply to send and returns.
+    sent, pushed = [], []
+    pusher = threading.Thread(target=start_client_internal._push_messages, daemon=True, kwargs={
+        "state": state, "object_store": store, "push_object": lambda *call: pushed.append(call),
+        "send": lambda reply, tree, runtime: sent.append((reply, runtime)) or {tree.object_id}})
+    pusher.start()
+    pusher.join(timeout=10)
+    assert not pusher.is_alive(), "the SuperNode still waits for a reply"
+    [(reply, runtime)] = sent
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id and reply.metadata.run_id == RUN_ID
     assert reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE and "could not receive" in reply.error.reason
-    assert reply.metadata.run_id == RUN_ID
-    for object_id in get_all_nested_objects(reply):  # stored whole: the SuperNode's push finds every object
-        assert store.get(object_id)
+    assert runtime == pytest.approx(0.0, abs=1.0) and [call[1] for call in pushed] == [reply.metadata.message_id]
 
 
 def test_a_message_received_whole_is_left_to_the_client_app(node):
