@@ -42,12 +42,12 @@ from blake3 import blake3
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage, RLELossless
 
 try:  # the RLE Lossless plugin pydicom decodes with (pylibjpeg-rle, a dependency)
