@@ -577,7 +577,8 @@ def _decoded_pixels(ds: Dataset) -> tuple[np.ndarray, bool]:
     try:
         view = _native_view(ds)
         array = view if view is not None else _rle_decoded(ds)
-        array = ds.pixel_array if array is None else array
+        if array is None:
+            array = ds.pixel_array
     except (ValueError, RuntimeError, AttributeError, KeyError, TypeError) as exc:
         raise Quarantined("truncated", f"the pixel data cannot be decoded: truncated, or image attributes "
                                        f"(group 0028) inconsistent ({type(exc).__name__})") from exc
@@ -589,12 +590,28 @@ def _decoded_pixels(ds: Dataset) -> tuple[np.ndarray, bool]:
 NATIVE_LITTLE_ENDIAN: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
-def _native_unsigned_greyscale(ds: Dataset) -> bool:
-    """Uncompressed little-endian, one unsigned sample of 8 or 16 bits: stored as it is displayed."""
-    return (ds.file_meta.TransferSyntaxUID in NATIVE_LITTLE_ENDIAN
-            and ds.get("PhotometricInterpretation") in GRAYSCALE_INTERPRETATIONS
+def _unsigned_greyscale(ds: Dataset) -> bool:
+    """One unsigned greyscale sample of 8 or 16 bits per pixel."""
+    return (ds.get("PhotometricInterpretation") in GRAYSCALE_INTERPRETATIONS
             and int(ds.get("SamplesPerPixel") or 1) == 1 and int(ds.get("PixelRepresentation") or 0) == 0
             and ds.get("BitsAllocated") in (8, 16))
+
+
+def _native_unsigned_greyscale(ds: Dataset) -> bool:
+    """Uncompressed little-endian, one unsigned sample of 8 or 16 bits: stored as it is displayed."""
+    return ds.file_meta.TransferSyntaxUID in NATIVE_LITTLE_ENDIAN and _unsigned_greyscale(ds)
+
+
+def _pixel_dtype(ds: Dataset) -> np.dtype:
+    """The little-endian unsigned dtype of `_unsigned_greyscale` pixels."""
+    return np.dtype(np.uint8 if ds.BitsAllocated == 8 else "<u2")
+
+
+def _as_pydicom_gives(ds: Dataset, array: np.ndarray) -> np.ndarray | None:
+    """`array`, unless a bit above Bits Stored is set: pydicom clears those, so None (decode with pydicom)."""
+    if int(ds.BitsStored) < 8 * array.itemsize and int(array.max()) >> int(ds.BitsStored):
+        return None
+    return array
 
 
 def _native_view(ds: Dataset) -> np.ndarray | None:
@@ -603,14 +620,11 @@ def _native_view(ds: Dataset) -> np.ndarray | None:
     bits above Bits Stored to clear), so the result is exactly what `ds.pixel_array` would give."""
     if not _native_unsigned_greyscale(ds) or not isinstance(ds.PixelData, bytes):
         return None
-    dtype = np.dtype(np.uint8 if ds.BitsAllocated == 8 else "<u2")
+    dtype = _pixel_dtype(ds)
     count = int(ds.get("NumberOfFrames") or 1) * int(ds.Rows) * int(ds.Columns)
     if len(ds.PixelData) < count * dtype.itemsize:
         return None  # pydicom names what is missing
-    array = np.frombuffer(ds.PixelData, dtype=dtype, count=count)
-    if int(ds.BitsStored) < 8 * dtype.itemsize and int(array.max()) >> int(ds.BitsStored):
-        return None  # pydicom clears the unused bits
-    return array
+    return _as_pydicom_gives(ds, np.frombuffer(ds.PixelData, dtype=dtype, count=count))
 
 
 def _rle_decoded(ds: Dataset) -> np.ndarray | None:
@@ -619,30 +633,23 @@ def _rle_decoded(ds: Dataset) -> np.ndarray | None:
     (colour, sign, bits above Bits Stored to clear, no plugin, anything malformed: pydicom then
     decodes or names the fault), so the result is exactly what `ds.pixel_array` would give. Skips
     pydicom's copies of each frame, a fifth of an RLE mammogram's decoding time."""
-    if (ds.file_meta.get("TransferSyntaxUID") != RLELossless or decode_rle is None
-            or ds.get("PhotometricInterpretation") not in GRAYSCALE_INTERPRETATIONS
-            or int(ds.get("SamplesPerPixel") or 1) != 1 or int(ds.get("PixelRepresentation") or 0) != 0
-            or ds.get("BitsAllocated") not in (8, 16)):
+    if ds.file_meta.get("TransferSyntaxUID") != RLELossless or decode_rle is None or not _unsigned_greyscale(ds):
         return None
-    frames, pixels = int(ds.get("NumberOfFrames") or 1), int(ds.Rows) * int(ds.Columns)
-    bits_allocated = int(ds.BitsAllocated)
-    dtype = np.dtype(np.uint8 if bits_allocated == 8 else "<u2")
+    frames, rows, columns = int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns)
+    dtype = _pixel_dtype(ds)
     decoded = []
     try:
         for fragment in generate_frames(ds.PixelData, number_of_frames=frames):
-            frame = np.frombuffer(decode_rle(fragment, version=2, rows=int(ds.Rows), columns=int(ds.Columns),
-                                             bits_allocated=bits_allocated, byteorder="<"), dtype=dtype)
-            if frame.size != pixels or len(decoded) == frames:
+            frame = np.frombuffer(decode_rle(fragment, version=2, rows=rows, columns=columns,
+                                             bits_allocated=int(ds.BitsAllocated), byteorder="<"), dtype=dtype)
+            if frame.size != rows * columns or len(decoded) == frames:
                 return None  # pydicom's decoder names what does not fit
             decoded.append(frame)
     except (ValueError, RuntimeError, TypeError, struct.error):
         return None
     if len(decoded) != frames:
         return None
-    array = decoded[0] if frames == 1 else np.concatenate(decoded)  # one frame: the decoder's own buffer
-    if int(ds.BitsStored) < 8 * dtype.itemsize and int(array.max()) >> int(ds.BitsStored):
-        return None  # pydicom clears the unused bits
-    return array
+    return _as_pydicom_gives(ds, decoded[0] if frames == 1 else np.concatenate(decoded))  # 1 frame: no copy
 
 
 def _store_pixels(ds: Dataset, pixels: np.ndarray) -> None:

@@ -145,4 +145,3 @@ def test_secret_files_are_created_private_and_refused_when_missing_or_open(tmp_p
 
 def load_secret_unchecked(path: Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
-
