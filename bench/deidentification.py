@@ -16,10 +16,10 @@ Without --data, the images are synthesised into a temporary folder first (about 
 Inputs and outputs live in /dev/shm unless --scratch says otherwise: on this VM a disk's
 writeback throttling starts after ~200 MB written and then, not the tools, decides the ratio.
 
-Measured on the 2-core development machine, 12 files of 22 MB, best of 3, seven runs
+Measured on the 2-core development machine, 12 files of 22 MB, best of 3, eleven runs
 (2026-12-07, three of them alternating with the previous commit): mammofl with the pixel check
-on both cores 0.53-0.57x (previous commit 0.43-0.48x; 2026-12-04: 0.47-0.49x), on 1 worker
-0.28-0.31x, without the pixel check 1.05-1.16x; dicognito 40-45 files/s that day. What made the difference:
+on both cores 0.51-0.57x (previous commit 0.43-0.48x; 2026-12-04: 0.47-0.49x), on 1 worker
+0.24-0.32x, without the pixel check 0.90-1.22x; dicognito 40-45 files/s that day. What made the difference:
 the pool workers keep freed image buffers for reuse (`common.allocator`: glibc no longer
 hands each file's 25 MB buffers back to the kernel to fault in and zero again) and RLE frames
 are decoded by pylibjpeg-rle straight into their array. "1 worker" runs inline in this process,
