@@ -7,10 +7,11 @@ starts polls for tasks every 1 s. On a loopback federation that is most of a rou
 ``python -m clients.flower_processes supernode ARGS`` runs Flower's own ``flower-supernode``
 with those modules' ``time.sleep`` replaced (`_PollingTime`) and object retries made prompt
 (`common.flower_retries`); the SuperExec it starts hands tasks to the site's worker
-(`clients.task_handoff`). A loop's wait before it asks again for work (the SuperNode's 3 s, the
-SuperExec's 1 s) lasts a tenth of the time since the loop last had work, 0.02 s to 1 s
-(`common.polling`): prompt between the messages of a round, about one request a second from an
-idle site. A wait on the process's own in-memory state (the
+(`clients.task_handoff`). The SuperNode's wait before it asks the SuperLink again for a message
+(Flower's 3 s) lasts 0.05 s within 10 s of its last work, 1 s after that (`common.polling`):
+prompt between the messages of a round, about one request a second from an idle site. The
+SuperExec does not poll faster than Flower's 1 s: its SuperNode rings it (`_Doorbell`) as soon as
+a message and its task are stored. A wait on the process's own in-memory state (the
 SuperNode waiting for its reply) lasts at most `LOCAL_WAIT_S`. A message the SuperNode received
 but could not pull the objects of is answered with an error reply, so the SuperNode does not wait
 for its reply for ever (`_answering_dropped_messages`). It reaches into two private
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import subprocess
 import sys
 import time
@@ -39,6 +41,7 @@ LOCAL_WAIT_S = 0.01  # any other wait (on the process's own in-memory state)
 SITE_PID_ENV = "MAMMOFL_SITE_PID"  # the SuperNode's pid: the site worker lives as long as it
 SITE_THREADS_ENV = "MAMMOFL_SITE_THREADS"  # PyTorch threads of the site worker (unset: all cores)
 SITE_STATE_ENV = "MAMMOFL_SITE_STATE_DIR"  # the site's state folder: where its workers' info files are
+DOORBELL_ENV = "MAMMOFL_TASK_DOORBELL_FD"  # the SuperExec's end of its SuperNode's doorbell (`_Doorbell`)
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
@@ -55,17 +58,40 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+class _Doorbell:
+    """A pipe from a SuperNode to the SuperExec it starts, rung when a message is stored for a task.
+
+    Flower's SuperExec finds its tasks by polling the SuperNode (every 1 s); a SuperExec that
+    has been idle for a while (a round longer than `common.polling.ACTIVE_WINDOW_S`, the first
+    message of a run) took up to that long to start the next one. Rung, it asks at once, so its
+    own polls can stay Flower's 1 s. The SuperNode never waits on it: a ring that finds the pipe
+    full (the SuperExec is already due to ask) or closed (the SuperExec is gone) is dropped.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()  # not inherited, but by the SuperExec (`pass_fds`)
+        os.set_blocking(self.write_fd, False)
+
+    def ring(self) -> None:
+        try:
+            os.write(self.write_fd, b"\0")
+        except OSError:  # full (BlockingIOError) or no reader (BrokenPipeError): nothing to wake
+            pass
+
+
 class _PollingTime:
     """`time` as a patched Flower module sees it, with its sleeps shortened.
 
     A sleep of `poll_s` seconds (the module's wait before it asks again for work) lasts
     `common.polling.poll_pause` of the time since `worked` was last called; any other sleep at
-    most `LOCAL_WAIT_S`. Never longer than Flower's own.
+    most `LOCAL_WAIT_S`. Never longer than Flower's own. Given a `doorbell` (the read end of a
+    `_Doorbell`), a wait for work lasts Flower's own `poll_s` unless the doorbell rings first.
     """
 
-    def __init__(self, poll_s: float) -> None:
+    def __init__(self, poll_s: float, *, doorbell: int | None = None) -> None:
         self._poll_s = poll_s
         self._last_work = time.monotonic()
+        self._doorbell = doorbell
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -79,7 +105,15 @@ class _PollingTime:
         return min(seconds, poll_pause(time.monotonic() - self._last_work))
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.pause(seconds))
+        if seconds == self._poll_s and self._doorbell is not None:
+            self._wait_for_the_doorbell(seconds)
+        else:
+            time.sleep(self.pause(seconds))
+
+    def _wait_for_the_doorbell(self, seconds: float) -> None:
+        readable, _, _ = select.select([self._doorbell], [], [], seconds)
+        if readable and not os.read(self._doorbell, 4096):  # every ring so far, at once
+            self._doorbell = None  # the SuperNode closed its end: back to polling
 
 
 class _DropWatchingState:
@@ -139,28 +173,38 @@ def _answering_dropped_messages(pull_and_store: Callable[..., Any], insert_messa
     return wrapper
 
 
-def _marking_work(function: Callable[..., Any], clock: _PollingTime, *, when: Callable[[Any], bool]) -> Callable[..., Any]:
-    """`function`, calling ``clock.worked()`` after each call whose result `when` accepts."""
+def _marking_work(function: Callable[..., Any], clock: _PollingTime, *, when: Callable[[Any], bool],
+                  also: Callable[[], None] = lambda: None) -> Callable[..., Any]:
+    """`function`, calling ``clock.worked()`` and then `also` after each call whose result `when` accepts."""
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = function(*args, **kwargs)
         if when(result):
             clock.worked()
+            also()
         return result
     return wrapper
 
 
 class _SubprocessLaunchingPromptSuperExec:
-    """`subprocess` as the SuperNode sees it: its ``flower-superexec`` starts through this module."""
+    """`subprocess` as the SuperNode sees it: its ``flower-superexec`` starts through this module,
+    holding the read end of `doorbell`."""
+
+    def __init__(self, doorbell: _Doorbell) -> None:
+        self._doorbell = doorbell
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
 
-    @staticmethod
-    def Popen(command, *args, **kwargs):  # noqa: N802 - the name the SuperNode calls
-        if command and command[0] == "flower-superexec":
-            command = [sys.executable, "-m", "clients.flower_processes", "superexec", *command[1:]]
-        return subprocess.Popen(command, *args, **kwargs)
+    def Popen(self, command, *args, **kwargs):  # noqa: N802 - the name the SuperNode calls
+        if not (command and command[0] == "flower-superexec"):
+            return subprocess.Popen(command, *args, **kwargs)
+        command = [sys.executable, "-m", "clients.flower_processes", "superexec", *command[1:]]
+        env = {**(kwargs.pop("env", None) or os.environ), DOORBELL_ENV: str(self._doorbell.read_fd)}
+        pass_fds = (*kwargs.pop("pass_fds", ()), self._doorbell.read_fd)
+        process = subprocess.Popen(command, *args, env=env, pass_fds=pass_fds, **kwargs)
+        os.close(self._doorbell.read_fd)  # the SuperExec's now: once it is gone, a ring finds no reader
+        return process
 
 
 def supernode(arguments: list[str]) -> None:
@@ -169,16 +213,18 @@ def supernode(arguments: list[str]) -> None:
 
     os.environ[SITE_PID_ENV] = str(os.getpid())
     clock = start_client_internal.time = _PollingTime(poll_s=3)
+    doorbell = _Doorbell()
     # Work: a message pulled (it returns the message's run id, None when there was none), a reply pushed.
+    # A message pulled is stored with its objects and its task: the SuperExec may launch it now.
     start_client_internal._pull_and_store_message = _marking_work(
         _answering_dropped_messages(start_client_internal._pull_and_store_message,
                                     start_client_internal._insert_message),
-        clock, when=lambda run_id: run_id is not None)
+        clock, when=lambda run_id: run_id is not None, also=doorbell.ring)
     start_client_internal._push_messages = _marking_work(start_client_internal._push_messages, clock,
                                                          when=lambda _: True)
     # A message's objects the SuperLink does not hold yet (the ServerApp is still pushing them).
     prompt_object_retries(start_client_internal, "pull_objects")
-    start_client_internal.subprocess = _SubprocessLaunchingPromptSuperExec()
+    start_client_internal.subprocess = _SubprocessLaunchingPromptSuperExec(doorbell)
     print(f"mammofl: SuperNode {os.getpid()} polling every {ACTIVE_POLL_S}-{IDLE_POLL_S} s", file=sys.stderr,
           flush=True)
     sys.argv = ["flower-supernode", *arguments]
@@ -194,7 +240,8 @@ def superexec(arguments: list[str]) -> None:
 
     from clients.task_handoff import HandoffClientAppPlugin
 
-    clock = run_superexec.time = _PollingTime(poll_s=1)
+    doorbell = os.environ.pop(DOORBELL_ENV, "")  # not handed on to the flwr-clientapp processes it starts
+    clock = run_superexec.time = _PollingTime(poll_s=1, doorbell=int(doorbell) if doorbell.isdigit() else None)
     # Work: a task claimed and launched (handed to the site worker or started as a process).
     run_superexec._handle_launch_result = _marking_work(run_superexec._handle_launch_result, clock,
                                                         when=lambda _: True)
@@ -206,7 +253,8 @@ def superexec(arguments: list[str]) -> None:
         return (HandoffClientAppPlugin, stub) if plugin is ClientAppExecPlugin else (plugin, stub)
 
     cli._get_plugin_and_stub_class = with_handoff
-    print(f"mammofl: SuperExec {os.getpid()} polling every {ACTIVE_POLL_S}-{IDLE_POLL_S} s, handing tasks to the site worker",
+    waits = "1 s or until its SuperNode rings" if doorbell.isdigit() else f"{ACTIVE_POLL_S}-{IDLE_POLL_S} s"
+    print(f"mammofl: SuperExec {os.getpid()} polling every {waits}, handing tasks to the site worker",
           file=sys.stderr, flush=True)
     sys.argv = ["flower-superexec", *arguments]
     flower_superexec()

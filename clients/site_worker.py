@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import importlib
 import json
 import logging
 import os
@@ -94,6 +95,7 @@ def serve(app_dir: Path, info_path: Path, site_pid: int, idle_timeout_s: float,
           request_timeout_s: float = 60.0) -> int:
     sys.path.insert(0, str(app_dir))
     from clients.client_app import app as client_app  # the heavy imports, once
+    importlib.import_module("clients.task_handoff")  # and Flower's task runtime, before the first task comes
 
     threads = os.environ.get(SITE_THREADS_ENV, "")
     if threads.isdigit() and int(threads) > 0:

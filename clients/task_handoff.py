@@ -23,9 +23,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.supercore.grpc import create_channel
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_grpc
+from flwr.supercore.interceptors import AppIoTokenClientInterceptor, RuntimeVersionClientInterceptor
+from flwr.supercore.retry import make_simple_grpc_retry_invoker, wrap_stub
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import ClientAppExecPlugin
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.supernode.runtime import run_clientapp
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from clients.flower_processes import SITE_PID_ENV, SITE_STATE_ENV
 from clients.site_worker import running_worker, worker_files
@@ -78,18 +89,6 @@ class HandoffClientAppPlugin(ClientAppExecPlugin):
 def run_task(client_app, *, token: str, appio: str, insecure: bool, root_certificates: str | None) -> str:
     """One task, as ``flwr-clientapp`` runs it (`flwr.supernode.runtime.run_clientapp`) minus
     installing and loading the app: this process already runs it. Returns the task's status."""
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
-    from flwr.supercore.grpc import create_channel
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_grpc
-    from flwr.supercore.interceptors import AppIoTokenClientInterceptor, RuntimeVersionClientInterceptor
-    from flwr.supercore.retry import make_simple_grpc_retry_invoker, wrap_stub
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime import run_clientapp
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
     # A worker asks at once, often while its SuperNode is still receiving the message (a
     # flwr-clientapp process takes seconds to start, so it rarely waits).
     prompt_object_retries(run_clientapp, "pull_and_inflate_object_from_tree")

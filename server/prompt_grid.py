@@ -4,9 +4,9 @@ Flower 1.32's deployed grid (`GrpcGrid.send_and_receive`) sleeps 3 s between pul
 so every message round trip of a deployed federation costs up to 3 s of waiting: on a SecAgg+
 round (four messages) that alone is 12 s. `PromptGrid` wraps the grid a ServerApp is given and
 implements ``send_and_receive`` with the Grid's own public ``push_messages``/``pull_messages``,
-polling as `common.polling` says (after a tenth of the time since the push or the last reply,
-0.02 s to 1 s: a reply waits at most a tenth of its own round trip longer), and has the
-deployed grid retry a reply's objects promptly (`common.flower_retries`). It also sends every
+polling as `common.polling` says (every 0.05 s within 10 s of the push or the last reply, every
+1 s after that: a reply of a long round waits at most a second longer), and has the deployed
+grid retry a reply's objects promptly (`common.flower_retries`). It also sends every
 message's ArrayRecords packed into one ConfigRecord and unpacks the replies
 (`common.packed_arrays`: the 44 objects of a model message become 4); a reply that does not
 unpack is handed on as an error reply of that site, never as a crash of the round. Everything

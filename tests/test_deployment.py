@@ -273,6 +273,8 @@ def test_every_message_of_a_deployed_site_was_served_by_its_long_lived_worker(fe
         # worker (no flwr-clientapp process).
         assert forwarded + handed_over >= 2 and handed_over >= 1, f"{site_id}: {forwarded} + {handed_over}"
         assert "running the ClientApp in this process" not in federation.log(site_id).read_text()
+        # Its SuperExec launched them when its SuperNode rang, not at its next poll.
+        assert "polling every 1 s or until its SuperNode rings" in federation.log(site_id).read_text()
 
 
 @pytest.mark.slow
