@@ -1,4 +1,4 @@
-"""A message's ArrayRecords sent packed into one ConfigRecord: fewer objects for Flower to move.
+"""A message's records sent packed into one ConfigRecord: fewer objects for Flower to move.
 
 Flower 1.32 moves a message as a tree of objects, one per record, per Array and per array
 chunk, and every hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back) moves each
@@ -7,9 +7,13 @@ status, the traffic counters, the node's key, the object itself). A 25-tensor mo
 objects a message, most of a deployed round's time. `pack_content` moves each ArrayRecord of a
 message into one ConfigRecord named `LAYOUT_RECORD`: under ``layout:<record name>`` each
 array's key, dtype, shape, stype and length (JSON), under ``bytes:<record name>`` the arrays'
-own serialised bytes, end to end. `unpack_content` restores the ArrayRecords exactly, Array by
-Array (after the message's other records: code reads records by name). A model message becomes 4 objects (the message, its RecordDict, the packed record and the
-config record).
+own serialised bytes, end to end. The message's ConfigRecords and MetricRecords go in the same
+record: under ``folded`` each one's name, type and keys (JSON), under ``value:<i>:<j>`` the
+value of key j of record i, as the ConfigRecord holds it. `unpack_content` restores every
+record exactly, Array by Array and value by value (after the records left as they were: code
+reads records by name). A model message becomes 3 objects (the message, its RecordDict and the
+packed record), where it was 44; a site's reply (model, metrics, privacy record) 3, where it
+was 46.
 
 A record whose arrays exceed `MAX_PACKED_BYTES` stays as Flower sends it: Flower splits arrays
 into 5 MiB chunks so that no request is large, and for such a model (a ResNet-50 is 94 MB) the
@@ -32,12 +36,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 LAYOUT_RECORD = "mammofl.packed-arrays"  # the ConfigRecord holding every packed ArrayRecord
 LAYOUT_PREFIX, BYTES_PREFIX = "layout:", "bytes:"  # + record name: its arrays' layout (JSON), their bytes
+FOLDED_KEY, VALUE_PREFIX = "folded", "value:"  # the folded records (JSON); + "<record>:<key>" index: one value
 LAYOUT_FORMAT = 1
+FOLDED_TYPES = {"config": ConfigRecord, "metric": MetricRecord}
 MAX_PACKED_BYTES = 16 * 2**20  # a larger ArrayRecord goes in Flower's own 5 MiB chunks
 
 
@@ -62,12 +68,24 @@ def array_record(entries: list[dict[str, Any]], payloads: list[bytes]) -> ArrayR
 
 
 def pack_content(content: RecordDict) -> RecordDict:
-    """`content` with every non-empty ArrayRecord moved into one ConfigRecord: its layout and its bytes."""
+    """`content` with every non-empty ArrayRecord (its layout and its bytes), ConfigRecord and
+    MetricRecord moved into one ConfigRecord; as it is when that would not make fewer objects."""
     if LAYOUT_RECORD in content:
         raise PackingError(f"the content already has a record named {LAYOUT_RECORD!r}")
+    if len(content) == 1 and not any(isinstance(record, ArrayRecord) and len(record)
+                                     for record in content.values()):
+        return content  # one record of values: packed, it would still be one object
     records: dict[str, Any] = {}
     packed_records: dict[str, Any] = {}
+    folded: list[dict[str, Any]] = []
     for name, record in content.items():
+        if isinstance(record, (ConfigRecord, MetricRecord)):
+            keys = list(record.keys())
+            for index, key in enumerate(keys):
+                packed_records[f"{VALUE_PREFIX}{len(folded)}:{index}"] = record[key]
+            folded.append({"name": name, "type": "config" if isinstance(record, ConfigRecord) else "metric",
+                           "keys": keys})
+            continue
         if not isinstance(record, ArrayRecord) or len(record) == 0:
             records[name] = record
             continue
@@ -79,7 +97,9 @@ def pack_content(content: RecordDict) -> RecordDict:
             entry["bytes"] = len(payload)
         packed_records[LAYOUT_PREFIX + name] = json.dumps({"format": LAYOUT_FORMAT, "arrays": entries})
         packed_records[BYTES_PREFIX + name] = b"".join(payloads)
-    if not packed_records:
+    if folded:
+        packed_records[FOLDED_KEY] = json.dumps({"format": LAYOUT_FORMAT, "records": folded})
+    if not packed_records and not folded:
         return content
     records[LAYOUT_RECORD] = ConfigRecord(packed_records)
     return RecordDict(records)
@@ -94,12 +114,26 @@ def unpack_content(content: RecordDict) -> RecordDict:
         raise PackingError(f"{LAYOUT_RECORD!r} is a {type(packed_records).__name__}; valid: a ConfigRecord")
     records: dict[str, Any] = {name: record for name, record in content.items() if name != LAYOUT_RECORD}
     keys = set(packed_records.keys())
+    folded = _folded(packed_records[FOLDED_KEY]) if FOLDED_KEY in keys else []
     names = {key.removeprefix(prefix) for key in keys for prefix in (LAYOUT_PREFIX, BYTES_PREFIX)
              if key.startswith(prefix)}
-    expected = {LAYOUT_PREFIX + name for name in names} | {BYTES_PREFIX + name for name in names}
+    expected = ({LAYOUT_PREFIX + name for name in names} | {BYTES_PREFIX + name for name in names}
+                | ({FOLDED_KEY} if FOLDED_KEY in keys else set())
+                | {f"{VALUE_PREFIX}{index}:{position}" for index, entry in enumerate(folded)
+                   for position in range(len(entry["keys"]))})
     if keys != expected:
         raise PackingError(f"{LAYOUT_RECORD!r} lacks {sorted(expected - keys)} and holds {sorted(keys - expected)}; "
-                           f"valid: a {LAYOUT_PREFIX!r} (JSON str) and a {BYTES_PREFIX!r} (bytes) key per record")
+                           f"valid: a {LAYOUT_PREFIX!r} (JSON str) and a {BYTES_PREFIX!r} (bytes) key per ArrayRecord, "
+                           f"a {VALUE_PREFIX!r} key per value that {FOLDED_KEY!r} names")
+    for index, entry in enumerate(folded):
+        name = entry["name"]
+        if name in records or name in names:
+            raise PackingError(f"record {name!r} is in the message and packed too")
+        values = {key: packed_records[f"{VALUE_PREFIX}{index}:{position}"] for position, key in enumerate(entry["keys"])}
+        try:
+            records[name] = FOLDED_TYPES[entry["type"]](values)
+        except (TypeError, ValueError) as error:
+            raise PackingError(f"record {name!r}: not a {FOLDED_TYPES[entry['type']].__name__} ({error})") from None
     for name in sorted(names):
         if name in records:
             raise PackingError(f"record {name!r} is in the message and packed too")
@@ -149,6 +183,28 @@ def _check_npy_header(name: str, entry: dict[str, Any], payload: bytes) -> None:
     if declared and (list(shape) != entry["shape"] or str(dtype) != entry["dtype"]):
         raise PackingError(f"record {name!r}, array {entry['key']!r}: its bytes hold {dtype} {list(shape)}, "
                            f"the layout names {entry['dtype']} {entry['shape']}")
+
+
+def _folded(layout: Any) -> list[dict[str, Any]]:
+    """The folded records' entries: each a name, a type (`FOLDED_TYPES`) and its keys, names and keys unique."""
+    try:
+        parsed = json.loads(layout) if isinstance(layout, str) else None
+    except ValueError as error:
+        raise PackingError(f"the folded records' layout is not JSON ({error})") from None
+    if not isinstance(parsed, dict) or parsed.get("format") != LAYOUT_FORMAT or not isinstance(parsed.get("records"), list):
+        raise PackingError(f"the folded records' layout is not a format-{LAYOUT_FORMAT} layout "
+                           '(valid: {"format": 1, "records": [...]})')
+    names = set()
+    for entry in parsed["records"]:
+        if not (isinstance(entry, dict) and set(entry) == {"name", "type", "keys"} and isinstance(entry["name"], str)
+                and entry["type"] in FOLDED_TYPES and isinstance(entry["keys"], list)
+                and all(isinstance(key, str) for key in entry["keys"]) and len(set(entry["keys"])) == len(entry["keys"])):
+            raise PackingError('a folded record\'s entry is not {"name": str, "type": "config" or "metric", '
+                               '"keys": [str, ...] (each once)}')
+        if entry["name"] in names:
+            raise PackingError(f"the folded records name {entry['name']!r} twice")
+        names.add(entry["name"])
+    return parsed["records"]
 
 
 def _entries(name: str, layout: Any) -> list[dict[str, Any]]:

@@ -4,8 +4,8 @@
 prompt between the messages of a round and between the rounds of a run (on this 2-core machine a
 small round's messages follow each other within a second), about one request a second from a loop
 that has been idle longer (a site training a real-size round for minutes, a deployment waiting
-for its next run). The SuperNode and SuperExec of a site (`clients.flower_processes`) and the
-ServerApp's grid (`server.prompt_grid`) poll this way.
+for its next run). The SuperNode of a site (`clients.flower_processes`) and the ServerApp's grid
+(`server.prompt_grid`) poll this way; a site's SuperExec is rung by its SuperNode instead.
 
 Measured (`bench/federation.py --rounds 12 --no-secure-aggregation`, 3 sites, same machine):
 a fixed 0.05 s wait made three idle sites cost a sixth of the machine's CPU, in their processes

@@ -7,8 +7,8 @@ implements ``send_and_receive`` with the Grid's own public ``push_messages``/``p
 polling as `common.polling` says (every 0.05 s within 10 s of the push or the last reply, every
 1 s after that: a reply of a long round waits at most a second longer), and has the deployed
 grid retry a reply's objects promptly (`common.flower_retries`). It also sends every
-message's ArrayRecords packed into one ConfigRecord and unpacks the replies
-(`common.packed_arrays`: the 44 objects of a model message become 4); a reply that does not
+message's records packed into one ConfigRecord and unpacks the replies
+(`common.packed_arrays`: the 44 objects of a model message become 3); a reply that does not
 unpack is handed on as an error reply of that site, never as a crash of the round. Everything
 else is the wrapped grid's. The simulation's in-memory grid is wrapped the same way (it polls
 every 0.1 s itself; the wrapper changes nothing it can measure).

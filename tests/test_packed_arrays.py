@@ -1,4 +1,4 @@
-"""Packed ArrayRecords (`common.packed_arrays`): exact round trips, fewer objects, hostile layouts refused.
+"""Packed records (`common.packed_arrays`): exact round trips, fewer objects, hostile layouts refused.
 
 The federation tests (simulated and deployed) run every round through the packing both ways;
 these pin the format itself and what a hostile sender can and cannot make it do.
@@ -15,6 +15,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from common.packed_arrays import (
     BYTES_PREFIX,
+    FOLDED_KEY,
     LAYOUT_PREFIX,
     LAYOUT_RECORD,
     PackingError,
@@ -42,15 +43,15 @@ def content() -> RecordDict:
 def test_a_packed_content_unpacks_to_the_same_arrays_bit_for_bit():
     original = content()
     packed = pack_content(original)
-    assert "arrays" not in packed and "masked" not in packed and list(packed["empty"].keys()) == []
-    assert sorted(packed[LAYOUT_RECORD].keys()) == ["bytes:arrays", "bytes:masked", "layout:arrays", "layout:masked"]
+    assert list(packed.keys()) == ["empty", LAYOUT_RECORD]  # an empty ArrayRecord is no object to spare
+    assert sorted(packed[LAYOUT_RECORD].keys()) == ["bytes:arrays", "bytes:masked", FOLDED_KEY, "layout:arrays",
+                                                    "layout:masked", "value:0:0", "value:0:1", "value:1:0"]
     assert set(json.loads(packed[LAYOUT_RECORD]["layout:arrays"])) == {"format", "arrays"}
     restored = unpack_content(packed)
     assert sorted(restored.keys()) == sorted(original.keys())  # the unpacked records come last
-    for name in ("arrays", "masked", "empty"):
-        assert list(restored[name].keys()) == list(original[name].keys())
-        assert restored[name].object_id == original[name].object_id  # same dtype, shape, stype and bytes
-    assert dict(restored["config"]) == dict(original["config"]) and dict(restored["metrics"]) == dict(original["metrics"])
+    for name in ("arrays", "masked", "empty", "config", "metrics"):
+        assert type(restored[name]) is type(original[name]) and list(restored[name].keys()) == list(original[name].keys())
+        assert restored[name].object_id == original[name].object_id  # same dtypes, shapes, stypes, bytes, values
 
 
 @pytest.mark.parametrize("tensors", [[np.ones((3, 2), np.float32), np.array(1.5)], []], ids=["model", "empty"])
@@ -76,7 +77,32 @@ def test_packing_cuts_the_objects_flower_moves_for_a_model_message():
                     message_type="train")
     packed = Message(pack_content(plain.content), dst_node_id=1, message_type="train")
     objects, packed_objects = len(get_all_nested_objects(plain)), len(get_all_nested_objects(packed))
-    assert packed_objects == 4 and objects >= 10 * packed_objects, (objects, packed_objects)
+    assert packed_objects == 3 and objects >= 10 * packed_objects, (objects, packed_objects)
+
+    # A site's reply: its model, its metrics and its privacy record.
+    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord({"train_loss": 0.7, "num-examples": 19}),
+                        "privacy": ConfigRecord({"site-id": "site-01", "epsilon": 1.25, "status": "trained"})})
+    assert len(get_all_nested_objects(Message(pack_content(reply), dst_node_id=1, message_type="train"))) == 3
+
+
+def test_every_value_of_a_folded_record_comes_back_as_the_same_type():
+    original = RecordDict({
+        "config": ConfigRecord({"i": 3, "f": 3.0, "s": "3", "b": b"\x00\xff", "t": True, "ints": [1, 2], "floats": [0.5],
+                                "strs": ["a"], "bytes": [b"x"], "bools": [False], "empty": []}),
+        "metrics": MetricRecord({"i": 3, "f": 3.0, "ints": [1], "floats": [1.5]}),
+        "nothing": ConfigRecord(),
+        "key:with:colons": MetricRecord({"value:0:0": 1.0}),
+    })
+    restored = unpack_content(pack_content(original))
+    for name, record in original.items():
+        assert type(restored[name]) is type(record) and restored[name].object_id == record.object_id, name
+        assert {key: type(value) for key, value in restored[name].items()} == {key: type(value) for key, value in record.items()}
+
+
+def test_a_content_of_one_record_of_values_is_left_as_it_is():
+    # Packed, it would still be one object: an evaluation reply, a SecAgg+ stage message.
+    original = RecordDict({"metrics": MetricRecord({"val_loss": 0.3})})
+    assert pack_content(original) is original
 
 
 def test_a_record_too_large_to_pack_goes_in_flowers_own_chunks(monkeypatch):
@@ -86,7 +112,8 @@ def test_a_record_too_large_to_pack_goes_in_flowers_own_chunks(monkeypatch):
     original = content()
     packed = pack_content(original)
     assert packed["arrays"] is original["arrays"]  # four .npy arrays: more than 300 bytes; "masked" one, fewer
-    assert sorted(packed[LAYOUT_RECORD].keys()) == ["bytes:masked", "layout:masked"]
+    assert sorted(key for key in packed[LAYOUT_RECORD].keys() if ":masked" in key or ":arrays" in key) == [
+        "bytes:masked", "layout:masked"]
     assert unpack_content(packed)["masked"].object_id == original["masked"].object_id
 
 
@@ -142,6 +169,29 @@ def test_a_layout_that_does_not_describe_its_bytes_is_refused(tamper, message):
     ({"bytes__arrays": 3}, "the packed arrays are a int; valid: bytes"),
     ({"layout__arrays": 3}, "not a format-1 layout"),
     ({"layout__config": {"format": 1, "arrays": []}, "bytes__config": b""}, "'config' is in the message and packed too"),
+    # The folded ConfigRecords and MetricRecords: their layout, their values.
+    ({"value__0__0": None}, r"lacks \['value:0:0'\]"),
+    ({"value__0__2": 1.0}, r"holds \['value:0:2'\]"),
+    ({"value__2__0": 1.0}, r"holds \['value:2:0'\]"),
+    ({"folded": None}, r"holds \['value:0:0', 'value:0:1', 'value:1:0'\]"),
+    ({"folded": "{not json"}, "the folded records' layout is not JSON"),
+    ({"folded": 3}, "not a format-1 layout"),
+    ({"folded": {"format": 2, "records": []}}, "not a format-1 layout"),
+    ({"folded": {"format": 1, "records": [{"name": "config", "type": "pickle", "keys": ["lr", "names"]},
+                                          {"name": "metrics", "type": "metric", "keys": ["loss"]}]}},
+     "entry is not .*\"type\": \"config\" or \"metric\""),
+    ({"folded": {"format": 1, "records": [{"name": "config", "type": "config", "keys": ["lr", "lr"]},
+                                          {"name": "metrics", "type": "metric", "keys": ["loss"]}]}}, r"\(each once\)"),
+    ({"folded": {"format": 1, "records": [{"name": "config", "type": "config", "keys": ["lr", "names"]},
+                                          {"name": "config", "type": "metric", "keys": ["loss"]}]}}, "name 'config' twice"),
+    ({"folded": {"format": 1, "records": [{"name": "arrays", "type": "config", "keys": ["lr", "names"]},
+                                          {"name": "metrics", "type": "metric", "keys": ["loss"]}]}},
+     "'arrays' is in the message and packed too"),
+    ({"folded": {"format": 1, "records": [{"name": "empty", "type": "config", "keys": ["lr", "names"]},
+                                          {"name": "metrics", "type": "metric", "keys": ["loss"]}]}},
+     "'empty' is in the message and packed too"),
+    ({"value__1__0": "not a number"}, r"record 'metrics': not a MetricRecord"),
+    ({"value__1__0": True}, r"record 'metrics': not a MetricRecord"),
 ])
 def test_a_packed_record_that_is_not_a_layout_and_its_bytes_per_record_is_refused(values, message):
     with pytest.raises(PackingError, match=message):
