@@ -231,11 +231,20 @@ def _entries(name: str, layout: Any) -> list[dict[str, Any]]:
     return entries
 
 
-def packed(message: Message) -> Message:
-    """`message` (a new one with the same metadata) with its content packed; an error message as it is."""
+def packed(message: Message, already: dict[int, tuple[RecordDict, RecordDict]] | None = None) -> Message:
+    """`message` (a new one with the same metadata) with its content packed; an error message as it is.
+
+    `already` maps ``id(content)`` to (content, its packed content) for the messages of one push:
+    a content several messages share (a strategy sends every site the same RecordDict) is packed
+    once, so Flower serialises and hashes it once. Each entry holds its content, so no id is
+    reused while the map lives."""
     if message.has_error():
         return message
-    return Message(content=pack_content(message.content), metadata=message.metadata)
+    if already is None:
+        return Message(content=pack_content(message.content), metadata=message.metadata)
+    if (entry := already.get(id(message.content))) is None:
+        entry = already[id(message.content)] = (message.content, pack_content(message.content))
+    return Message(content=entry[1], metadata=message.metadata)
 
 
 def unpacked(message: Message) -> Message:

@@ -49,7 +49,9 @@ class PromptGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         # The packed copies share the messages' metadata: the ids the grid sets are the caller's too.
-        return self._grid.push_messages([packed(message) for message in messages])
+        # The model every site is sent is packed, serialised and hashed once, not once per site.
+        already: dict[int, tuple] = {}
+        return self._grid.push_messages([packed(message, already) for message in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [_unpacked_or_error(reply) for reply in self._grid.pull_messages(message_ids)]

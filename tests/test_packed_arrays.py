@@ -290,3 +290,36 @@ def test_the_grid_packs_what_it_sends_and_turns_a_reply_that_does_not_unpack_int
     assert list(unpacked_good.content["arrays"].keys()) == ["conv.weight", "conv.bias", "steps", "scalar"]
     assert failed.has_error() and "does not unpack" in failed.error.reason
     assert failed.metadata.src_node_id == hostile.metadata.src_node_id
+
+
+def test_the_grid_packs_a_content_its_messages_share_once_and_never_mixes_up_contents():
+    shared = content()
+    grid = PromptGrid.__new__(PromptGrid)
+    grid._grid = RecordingGrid([])
+    grid.push_messages([Message(shared, dst_node_id=node, message_type="train") for node in (1, 2, 3)])
+    assert len({id(message.content) for message in grid._grid.pushed}) == 1  # one packing, one hash of the model
+
+    def fresh_contents():  # each message its own content, dropped by the caller as soon as it is packed
+        for node in range(20):
+            yield Message(RecordDict({"config": ConfigRecord({"node": node}), "arrays": ArrayRecord(
+                {"w": Array(np.full(3, node, dtype=np.int64))})}), dst_node_id=node + 1, message_type="train")
+
+    grid.push_messages(fresh_contents())
+    for node, message in enumerate(grid._grid.pushed):
+        restored = unpack_content(message.content)
+        assert restored["config"]["node"] == node and restored["arrays"]["w"].numpy().tolist() == [node] * 3
+
+
+def test_a_content_packed_for_a_push_stays_alive_while_its_map_does_so_its_id_is_not_reused():
+    import gc
+    import weakref
+
+    from common.packed_arrays import packed
+
+    already: dict = {}
+    original = content()
+    alive = weakref.ref(original)
+    packed(Message(original, dst_node_id=1, message_type="train"), already)
+    del original
+    gc.collect()
+    assert alive() is not None
