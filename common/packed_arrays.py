@@ -99,7 +99,7 @@ def pack_content(content: RecordDict) -> RecordDict:
         packed_records[BYTES_PREFIX + name] = b"".join(payloads)
     if folded:
         packed_records[FOLDED_KEY] = json.dumps({"format": LAYOUT_FORMAT, "records": folded})
-    if not packed_records and not folded:
+    if not packed_records:
         return content
     records[LAYOUT_RECORD] = ConfigRecord(packed_records)
     return RecordDict(records)
@@ -187,15 +187,9 @@ def _check_npy_header(name: str, entry: dict[str, Any], payload: bytes) -> None:
 
 def _folded(layout: Any) -> list[dict[str, Any]]:
     """The folded records' entries: each a name, a type (`FOLDED_TYPES`) and its keys, names and keys unique."""
-    try:
-        parsed = json.loads(layout) if isinstance(layout, str) else None
-    except ValueError as error:
-        raise PackingError(f"the folded records' layout is not JSON ({error})") from None
-    if not isinstance(parsed, dict) or parsed.get("format") != LAYOUT_FORMAT or not isinstance(parsed.get("records"), list):
-        raise PackingError(f"the folded records' layout is not a format-{LAYOUT_FORMAT} layout "
-                           '(valid: {"format": 1, "records": [...]})')
+    records = _layout_list(layout, "records", "the folded records' layout")
     names = set()
-    for entry in parsed["records"]:
+    for entry in records:
         if not (isinstance(entry, dict) and set(entry) == {"name", "type", "keys"} and isinstance(entry["name"], str)
                 and entry["type"] in FOLDED_TYPES and isinstance(entry["keys"], list)
                 and all(isinstance(key, str) for key in entry["keys"]) and len(set(entry["keys"])) == len(entry["keys"])):
@@ -204,19 +198,24 @@ def _folded(layout: Any) -> list[dict[str, Any]]:
         if entry["name"] in names:
             raise PackingError(f"the folded records name {entry['name']!r} twice")
         names.add(entry["name"])
-    return parsed["records"]
+    return records
 
 
-def _entries(name: str, layout: Any) -> list[dict[str, Any]]:
+def _layout_list(layout: Any, field: str, what: str) -> list[Any]:
+    """The list under `field` of a format-`LAYOUT_FORMAT` JSON layout; `what` names it in errors."""
     try:
         parsed = json.loads(layout) if isinstance(layout, str) else None
     except ValueError as error:
-        raise PackingError(f"record {name!r}: the layout is not JSON ({error})") from None
-    if not isinstance(parsed, dict) or parsed.get("format") != LAYOUT_FORMAT or not isinstance(parsed.get("arrays"), list):
-        raise PackingError(f"record {name!r}: the layout is not a format-{LAYOUT_FORMAT} layout "
-                           '(valid: {"format": 1, "arrays": [...]})')
+        raise PackingError(f"{what} is not JSON ({error})") from None
+    if not isinstance(parsed, dict) or parsed.get("format") != LAYOUT_FORMAT or not isinstance(parsed.get(field), list):
+        raise PackingError(f"{what} is not a format-{LAYOUT_FORMAT} layout "
+                           f'(valid: {{"format": {LAYOUT_FORMAT}, "{field}": [...]}})')
+    return parsed[field]
+
+
+def _entries(name: str, layout: Any) -> list[dict[str, Any]]:
     entries, keys = [], set()
-    for entry in parsed["arrays"]:
+    for entry in _layout_list(layout, "arrays", f"record {name!r}: the layout"):
         if not (isinstance(entry, dict) and set(entry) == {"key", "dtype", "shape", "stype", "bytes"}
                 and isinstance(entry["key"], str) and isinstance(entry["dtype"], str)
                 and isinstance(entry["stype"], str) and isinstance(entry["shape"], list)
