@@ -226,7 +226,12 @@ def train_site_round(
     )
     privacy_state.check_round(sample_rate=sample_rate, steps=steps, budget_epsilon=budget_epsilon)
 
-    engine = PrivacyEngine(accountant=privacy_state.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns, every round, that its secure_mode (torchcsprng) is off. Our noise and sampling
+        # come from `fresh_generator` instead (OS entropy, never the config seed); what that leaves
+        # open is stated in every privacy report (`server.privacy_ledger.RANDOMNESS`).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=privacy_state.accountant)
     engine.accountant.history = list(privacy_state.history)
     # On cached features the head is all that trains: flat clipping is as cheap as ghost there.
     private_model, private_optimizer, loss_fn, private_loader = make_private(

@@ -1,6 +1,7 @@
 """The encoder registry and the classifier: shapes, DP-readiness, readouts and checkpoints."""
 
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -51,6 +52,19 @@ def test_every_encoder_maps_grey_images_to_features(name, norm):
 def test_group_variant_is_accepted_by_opacus_and_batch_variant_is_not(name):
     assert ModuleValidator.validate(shared_encoder(name, "group"), strict=False) == []
     assert ModuleValidator.validate(shared_encoder(name, "batch"), strict=False) != []
+
+
+def test_the_group_variant_is_built_without_a_log_line_per_swapped_batch_norm(caplog):
+    fixer_loggers = [logging.getLogger(name) for name in ("opacus.validators.module_validator",
+                                                           "opacus.validators.batch_norm")]
+    levels = [logger.level for logger in fixer_loggers]
+
+    with caplog.at_level(logging.INFO):
+        encoder = build_encoder("resnet18", norm="group")
+
+    assert any(isinstance(module, nn.GroupNorm) for module in encoder.modules())
+    assert not [record for record in caplog.records if record.name.startswith("opacus")]
+    assert [logger.level for logger in fixer_loggers] == levels  # as they were, for every other caller
 
 
 def test_unknown_encoder_or_norm_names_the_valid_choices():

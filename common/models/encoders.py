@@ -17,8 +17,10 @@ in-place operations, which Opacus' gradient hooks cannot follow, are taken out.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal
@@ -242,5 +244,23 @@ def build_encoder(name: str, *, norm: Norm = "batch") -> Encoder:
     if trunk.input_conv is not None and trunk.layers.get_submodule(trunk.input_conv).in_channels != 1:
         _use_single_channel_input(trunk)
     if norm == "group" and trunk.blocks:
-        trunk = replace(trunk, layers=_without_inplace_ops(ModuleValidator.fix(trunk.layers)))
+        with _quiet_opacus_fixer():
+            trunk = replace(trunk, layers=_without_inplace_ops(ModuleValidator.fix(trunk.layers)))
     return Encoder(name, norm, trunk)
+
+
+@contextmanager
+def _quiet_opacus_fixer() -> Iterator[None]:
+    """`ModuleValidator.fix` logs a line at INFO for every BatchNorm it swaps (a ResNet-18: 20), and
+    a site builds its model for every message: the swap is this module's documented design, not
+    news. The fixer's warnings and errors still get through."""
+    quieted = [logging.getLogger(name) for name in ("opacus.validators.module_validator",
+                                                     "opacus.validators.batch_norm")]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(quieted, levels):
+            logger.setLevel(level)
