@@ -36,6 +36,7 @@ from common.errors import ConfigError, MammoflError
 from common.runs import RunDirectory
 
 DEPLOYMENT_FILE = "deployment.json"
+ENROLMENTS_FILE = "enrolments.json"  # the SuperLink's enrolled sites (`server.superlink_state`)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a run's FAB carries: the rooms the ServerApp and ClientApp import, nothing else.
 APP_ROOMS = ("common", "clients", "server", "anonymize")
@@ -94,12 +95,18 @@ class Deployment:
 
 
 def superlink_command(deployment: Deployment, tls: TlsFiles | None) -> list[str]:
-    """The ``flower-superlink`` command line: TLS unless none is given, runtime installs off."""
-    command = [_tool("flower-superlink"),
+    """The ``flower-superlink`` command line: TLS unless none is given, runtime installs off.
+
+    Flower's SuperLink with runs, messages and objects in memory and its enrolments in
+    ``DIR/enrolments.json`` (`server.superlink_state`); a deployment that kept its state in
+    ``DIR/superlink.db`` (before 2026-12-08) has its enrolments imported from there once.
+    """
+    command = [sys.executable, "-m", "server.superlink_state",
+               "--enrolments", str(deployment.folder / ENROLMENTS_FILE),
+               "--import-from", str(deployment.folder / "superlink.db"),
                "--fleet-api-address", deployment.fleet_address,
                "--control-api-address", deployment.control_address,
                "--serverappio-api-address", deployment.serverappio_address,
-               "--database", str(deployment.folder / "superlink.db"),
                # Our ServerApp runs in this environment; nothing is installed while a run starts.
                "--disable-runtime-dependency-installation"]
     if tls is None:

@@ -34,6 +34,7 @@ from common.errors import ConfigError
 from common.runs import RunDirectory
 from mammofl.cli import main
 from server.deployment import (
+    ENROLMENTS_FILE,
     Deployment,
     DeploymentError,
     enrol_site,
@@ -45,6 +46,7 @@ from server.deployment import (
     stop,
 )
 from server.privacy_ledger import PrivacyLedger
+from server.superlink_state import read_enrolments
 
 SITES = ("site-01", "site-02", "site-03")
 JOINED = "SuperNode ID:"
@@ -358,9 +360,12 @@ def test_a_run_resumes_after_the_aggregator_is_killed_and_restarted(federation, 
     [run_root] = (federation.root / "runs").glob("*-resumed-*")
     assert [row["round"] for row in rounds_of(RunDirectory(run_root))] == [1]
 
-    # Same folder, same database: the enrolments survive, and the sites reconnect by themselves.
+    # Same folder, same enrolments file: the sites keep their node ids and reconnect by themselves.
+    enrolled = {node.node_id for node in read_enrolments(federation.deployment.folder / ENROLMENTS_FILE)}
+    assert len(enrolled) == len(SITES)
     federation.superlink = start_superlink(federation.deployment, federation.tls)
     run, _ = federation.run(None, resume=run_root)
+    assert {node.node_id for node in read_enrolments(federation.deployment.folder / ENROLMENTS_FILE)} == enrolled
 
     assert json.loads((run.root / "deployment.json").read_text())["flwr_run_id"] != killed["flwr_run_id"]
     rounds = rounds_of(run)

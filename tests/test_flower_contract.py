@@ -138,3 +138,41 @@ def test_the_supernode_deletes_a_received_message_only_when_it_drops_it():
     assert source.count("state.delete_messages(") == 1
     assert source.index("state.delete_messages(") > source.index('"Failed to receive message %s: %s"')
     assert list(inspect.signature(start_client_internal._insert_message).parameters) == ["msg", "state", "store"]
+
+
+def test_the_superlink_builds_its_state_through_a_module_function_we_can_replace():
+    # `server.superlink_state` replaces it to give the SuperLink its enrolment-keeping state.
+    from flwr.server import app
+    from flwr.server.superlink.linkstate import LinkStateFactory
+
+    assert "= _get_objectstore_linkstate_factories(\n            args.database, federation_manager" in \
+        inspect.getsource(app.run_superlink)
+    assert list(inspect.signature(app._get_objectstore_linkstate_factories).parameters) == [
+        "database", "federation_manager"]
+    factory = inspect.getsource(LinkStateFactory)
+    for attribute in ("self.state_instance", "self._state_lock", "self.federation_manager", "self.objectstore_factory"):
+        assert attribute in factory, f"LinkStateFactory no longer has {attribute}"
+
+
+def test_in_the_in_memory_state_only_the_methods_we_persist_change_who_is_enrolled():
+    # `server.superlink_state.EnrolmentKeepingLinkState` writes the node table after these
+    # methods, and restores it into these three dictionaries. Another method that adds a node,
+    # changes its key or unenrols it would be an enrolment the file does not keep.
+    import re
+
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    init = inspect.getsource(InMemoryLinkState.__init__)
+    for table in ("self.nodes: dict[int, NodeInfo] = {}", "self.node_public_key_to_node_id: dict[bytes, int] = {}",
+                  "self.owner_to_node_ids: dict[str, set[int]] = {}", "self.lock = threading.RLock()"):
+        assert table in init, f"InMemoryLinkState no longer sets {table}"
+    writes = re.compile(r"self\.(nodes|node_public_key_to_node_id|owner_to_node_ids)(\[[^]]*\] =|\.setdefault|\.pop|"
+                        r"\.update|\.clear|\.popitem)|\.status = NodeStatus\.UNREGISTERED|\.public_key =")
+    writers = {name for name, method in inspect.getmembers(InMemoryLinkState, inspect.isfunction)
+               if writes.search(inspect.getsource(method))}
+    assert set(writers) == {"create_node", "delete_node"}, sorted(writers)
+    for name in ("create_node", "delete_node", "activate_node", "deactivate_node"):
+        assert getattr(InMemoryLinkState, name).__qualname__ == f"InMemoryLinkState.{name}"
+    assert list(inspect.signature(InMemoryLinkState.create_node).parameters) == [
+        "self", "owner_aid", "owner_name", "public_key", "heartbeat_interval"]
+    assert list(inspect.signature(InMemoryLinkState.delete_node).parameters) == ["self", "owner_aid", "node_id"]
