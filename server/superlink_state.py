@@ -105,7 +105,8 @@ class EnrolmentKeepingLinkState(InMemoryLinkState):
         super().__init__(federation_manager, object_store)
         self._path = path
         nodes = read_enrolments(path)
-        if not path.exists() and import_from is not None and import_from.is_file():
+        nodes_imported = not path.exists() and import_from is not None and import_from.is_file()
+        if nodes_imported:
             nodes = nodes_of_sqlite_state(import_from)
             print(f"mammofl: {len(nodes)} enrolment(s) imported from {import_from} into {path}",
                   file=sys.stderr, flush=True)
@@ -120,6 +121,9 @@ class EnrolmentKeepingLinkState(InMemoryLinkState):
             self.node_public_key_to_node_id[node.public_key] = node.node_id
             self.owner_to_node_ids.setdefault(node.owner_aid, set()).add(node.node_id)
         self._save()
+        if nodes_imported:
+            # Read once: a later loss of the enrolments file must not bring back what it unenrolled.
+            import_from.rename(import_from.with_name(import_from.name + ".imported"))
 
     def _save(self) -> None:
         with self.lock:

@@ -174,5 +174,7 @@ def test_enrolments_of_a_deployment_that_kept_sqlite_state_are_imported_once(tmp
 
     assert imported.get_node_id_by_public_key(KEY_A) == node_id
     assert "1 enrolment(s) imported" in capsys.readouterr().err
-    enrol(sqlite_state, KEY_B)  # the old database is read once, not again at every start
-    assert state_at(path, import_from=database).get_node_id_by_public_key(KEY_B) is None
+    assert not database.exists() and (tmp_path / "superlink.db.imported").is_file()  # read once
+    imported.delete_node("operator", node_id)
+    path.unlink()  # a careless operator: the unenrolled site must not come back from the old database
+    assert state_at(path, import_from=database).get_node_info() == []
