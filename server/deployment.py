@@ -241,7 +241,7 @@ def enrol_site(deployment: Deployment, public_key: Path) -> int | None:
     """Register a site's public key with the SuperLink (``flwr supernode register``).
 
     Returns the site's node id, or None when the key is already enrolled: a restarted
-    SuperLink keeps its enrolments in its database.
+    SuperLink keeps its enrolments (`DIR/enrolments.json`, `server.superlink_state`).
     """
     import grpc
     from flwr.cli.supernode.register import try_load_public_key
@@ -383,6 +383,3 @@ def run_federation(deployment: Deployment, config_path: Path | None, *, resume: 
                               f"see {deployment.folder / 'superlink.log'} and `flwr log {flwr_run_id}`")
     return run, status
 
-
-def _tool(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
