@@ -382,4 +382,3 @@ def run_federation(deployment: Deployment, config_path: Path | None, *, resume: 
         raise DeploymentError(f"run {flwr_run_id} ended {status.status}:{status.sub_status} ({status.details}); "
                               f"see {deployment.folder / 'superlink.log'} and `flwr log {flwr_run_id}`")
     return run, status
-
